@@ -1,0 +1,1 @@
+"""The ``tileseg`` command line (installed as the ``tilesegment.cli`` package)."""

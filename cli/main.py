@@ -1,0 +1,200 @@
+"""``tileseg``: a thin click layer. Each command parses, calls one library function, and maps
+:class:`~tilesegment.errors.TilesegError` to a one-line message and its exit code (no traceback
+unless ``--debug``)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import traceback
+from typing import Any, Callable
+
+import click
+
+from tilesegment import __version__
+from tilesegment.errors import TilesegError
+
+EXIT_INTERNAL = 70
+
+
+def _shape(value: str | None) -> Any:
+    if value is None:
+        return None
+    try:
+        parts = [int(v) for v in value.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a size; give N or Z,Y,X (e.g. 64 or 32,64,64).") from None
+    if len(parts) not in (1, 3) or min(parts) < 1:
+        raise click.BadParameter(f"{value!r} is not a size; give N or Z,Y,X of positive integers.")
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def _show_progress(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return func(*args, **kwargs)
+        except TilesegError as exc:
+            if debug:
+                traceback.print_exc()
+            click.echo(f"tileseg: error: {exc.message}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("tileseg: interrupted.", err=True)
+            sys.exit(130)
+        except Exception as exc:  # a bug: say so, in one line, and how to see more
+            if debug:
+                traceback.print_exc()
+            click.echo(f"tileseg: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback, and please report it).", err=True)
+            sys.exit(EXIT_INTERNAL)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "TILESEG"})
+@click.version_option(__version__, prog_name="tileseg")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or summaries, errors only.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
+    """Segment macromolecules in whole cryo-ET tomograms with 3D CNNs, tile by tile on Dask."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.ERROR if quiet else logging.WARNING,
+                        format="tileseg: %(levelname)s: %(message)s")
+    if not debug:  # Dask's own INFO chatter is for --debug only
+        for name in ("distributed", "dask"):
+            logging.getLogger(name).setLevel(logging.ERROR if quiet else logging.WARNING)
+    ctx.obj = {"quiet": quiet}
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT.mrc", type=click.Path(dir_okay=False))
+@click.argument("output", metavar="OUTPUT.zarr", type=click.Path())
+@click.option("--ngff", type=click.Choice(["0.4", "0.5"]), default="0.4", show_default=True,
+              help="OME-Zarr version: 0.4 on Zarr v2 (read by the CryoET Data Portal, copick, most viewers) or 0.5 on Zarr v3 (with sharding).")
+@click.option("--chunk", default="64", show_default=True, help="Chunk shape, N or Z,Y,X.")
+@click.option("--shard", default=None, help="Shard shape for --ngff 0.5 (a multiple of --chunk).")
+@click.option("--levels", type=int, default=None, help="Pyramid levels (default: until an axis would be < 16).")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.pass_context
+@handle_errors
+def convert(ctx: click.Context, input_path: str, output: str, ngff: str, chunk: str, shard: str | None, levels: int | None, overwrite: bool) -> None:
+    """Convert an MRC tomogram to a chunked, compressed, multiscale OME-Zarr (streamed).
+
+    \b
+    Example:
+      tileseg convert tomo.mrc tomo.zarr
+      tileseg convert tomo.mrc tomo.zarr --ngff 0.5 --chunk 64 --shard 256
+    """
+    from tqdm import tqdm
+
+    from tilesegment.convert import convert as run_convert
+
+    quiet = ctx.obj["quiet"]
+    with tqdm(total=None, unit="vox", unit_scale=True, disable=not _show_progress(quiet), desc="convert") as bar:
+        report = run_convert(input_path, output, ngff=ngff, chunk=_shape(chunk), shard=_shape(shard), levels=levels,
+                             overwrite=overwrite, progress=bar.update)
+    if not quiet:
+        voxel = "unknown voxel size (header has none; recorded as 1 Å)" if report.voxel_size is None else f"{report.voxel_size[-1]:.4g} Å/voxel"
+        click.echo(f"wrote {report.output}: {'×'.join(map(str, report.shape))} {report.dtype}, {voxel}, "
+                   f"{report.levels} levels, {report.bytes_read / 2**20 / max(report.seconds, 1e-9):.0f} MiB/s")
+
+
+def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--model", default=None, help="Checkpoint (.safetensors) from 'tileseg train'; default: the built-in model."),
+        click.option("--tile", default="64", show_default=True, help="Tile shape fed to the network, N or Z,Y,X."),
+        click.option("--overlap", type=float, default=0.25, show_default=True, help="Overlap of neighbouring tiles, a fraction in [0, 1)."),
+        click.option("--blend", type=click.Choice(["gaussian", "linear", "constant"]), default="gaussian", show_default=True, help="Window that weights each tile's prediction."),
+        click.option("--batch", type=int, default=4, show_default=True, help="Tiles per network forward."),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
+        click.option("--scheduler", default=None, help="Dask scheduler address (tcp://host:8786) or scheduler file; default: an embedded cluster."),
+        click.option("--workers", type=int, default=None, help="Workers of the embedded cluster (default: 1 on CPU, one per GPU)."),
+        click.option("--block", default=None, help="Block shape (whole chunks; default: about 3 tiles)."),
+        click.option("--chunk", default="64", show_default=True, help="Output chunk shape."),
+        click.option("--shard", default=None, help="Output shard shape (with --ngff 0.5)."),
+        click.option("--ngff", type=click.Choice(["0.4", "0.5"]), default="0.4", show_default=True, help="Output OME-Zarr version."),
+        click.option("--probabilities", is_flag=True, help="Also write the class probabilities (under probabilities/)."),
+        click.option("--probability-dtype", type=click.Choice(["float16", "float32", "uint8"]), default="float16", show_default=True),
+        click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists."),
+        click.option("--ignore-voxel-size", is_flag=True, help="Run even if the tomogram's voxel size is far from the model's."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def run_segmentation(quiet: bool, input_path: str, output: str, **options: Any) -> Any:
+    from tqdm import tqdm
+
+    from tilesegment.pipeline import segment
+
+    bar = tqdm(total=0, unit="tile", disable=not _show_progress(quiet), desc="segment", dynamic_ncols=True)
+
+    def on_start(plan: Any, link: str | None) -> None:
+        bar.total = plan.grid.count
+        bar.refresh()
+        if link and not quiet:
+            click.echo(f"Dask dashboard: {link}", err=True)
+
+    with bar:
+        report = segment(input_path, output, progress=lambda r: bar.update(r.tiles_forwarded), on_start=on_start, **options)
+    if not quiet:
+        fraction = report.foreground_voxels / max(1, report.shape[0] * report.shape[1] * report.shape[2])
+        click.echo(f"wrote {report.output}: {'×'.join(map(str, report.shape))} labels {', '.join(report.class_names)}; "
+                   f"{report.tiles_forwarded}/{report.tile_count} tiles in {report.blocks} blocks, "
+                   f"{report.seconds:.1f} s ({report.tiles_per_second:.1f} tiles/s); foreground {100 * fraction:.1f}%")
+    return report
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path())
+@click.argument("output", metavar="OUTPUT.zarr", type=click.Path())
+@run_options
+@click.pass_context
+@handle_errors
+def run(ctx: click.Context, input_path: str, output: str, tile: str, block: str | None, chunk: str, shard: str | None, **options: Any) -> None:
+    """Segment a tomogram (MRC, Zarr array or OME-Zarr) into an OME-Zarr label image.
+
+    \b
+    Examples:
+      tileseg run tomo.mrc seg.zarr
+      tileseg run tomo.zarr seg.zarr --device cuda --batch 8 --probabilities
+      tileseg run tomo.zarr seg.zarr --scheduler tcp://10.0.0.5:8786
+    """
+    run_segmentation(ctx.obj["quiet"], input_path, output, tile=_shape(tile), block=_shape(block), chunk=_shape(chunk), shard=_shape(shard), **options)
+
+
+@main.command()
+@click.argument("directory", default="tileseg-demo", type=click.Path(file_okay=False))
+@click.option("--size", type=int, default=96, show_default=True, help="Edge of the synthetic cubic tomogram, in voxels.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--workers", type=int, default=None, help="Workers of the embedded cluster.")
+@click.pass_context
+@handle_errors
+def demo(ctx: click.Context, directory: str, size: int, seed: int, workers: int | None) -> None:
+    """Make a small synthetic tomogram, convert it, and segment it with the default model.
+
+    Writes DIRECTORY/tomogram.mrc, DIRECTORY/tomogram.zarr and DIRECTORY/segmentation.zarr.
+    """
+    from tilesegment.demo import make_demo_tomogram
+    from tilesegment.convert import convert as run_convert
+
+    quiet = ctx.obj["quiet"]
+    os.makedirs(directory, exist_ok=True)
+    mrc_path = make_demo_tomogram(os.path.join(directory, "tomogram.mrc"), size, seed)
+    zarr_path = os.path.join(directory, "tomogram.zarr")
+    run_convert(mrc_path, zarr_path, overwrite=True)
+    if not quiet:
+        click.echo(f"made {mrc_path} ({size}³, synthetic) and converted it to {zarr_path}")
+    run_segmentation(quiet, zarr_path, os.path.join(directory, "segmentation.zarr"), overwrite=True, workers=workers)
+
+
+if __name__ == "__main__":
+    main()

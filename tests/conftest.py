@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny volumes written as MRC/Zarr, an identity checkpoint, one in-process cluster."""
+
+from __future__ import annotations
+
+import os
+
+import mrcfile
+import numpy as np
+import pytest
+
+from tilesegment.model import ModelConfig, build_model, save_checkpoint
+
+VOXEL = 10.0
+
+
+def write_mrc(path, data: np.ndarray, voxel: float = VOXEL, **kwargs) -> str:
+    with mrcfile.new(str(path), overwrite=True, **kwargs) as mrc:
+        mrc.set_data(data)
+        mrc.voxel_size = voxel
+    return str(path)
+
+
+def random_volume(shape, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=shape).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def identity_model(tmp_path_factory) -> str:
+    config = ModelConfig(architecture="identity", channels=(), class_names=("background", "value"), voxel_size=VOXEL,
+                         normalization="none", output="none", description="test identity")
+    path = tmp_path_factory.mktemp("models") / "identity.safetensors"
+    save_checkpoint(path, build_model(config), config)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def small_net(tmp_path_factory) -> str:
+    """A tiny randomly initialised SSN3D encoder-decoder with non-trivial (non-zero) batch-norm statistics."""
+    import torch
+
+    torch.manual_seed(1)
+    config = ModelConfig(architecture="ssn3d-encdec", channels=(4, 8, 8), class_names=("background", "a", "b"), voxel_size=VOXEL)
+    model = build_model(config)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm3d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("models") / "small.safetensors"
+    save_checkpoint(path, model, config)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def client():
+    """One in-process cluster (threads) for the fast pipeline tests; real processes are tested apart."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture
+def chdir_tmp(tmp_path):
+    old = os.getcwd()
+    os.chdir(tmp_path)
+    yield tmp_path
+    os.chdir(old)

@@ -1,0 +1,168 @@
+"""The main job's invariants: identity round trip, independence of block/chunk/worker counts,
+agreement with an in-memory sliding-window reference, and exactly one forward per tile."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from tilesegment.blending import window
+from tilesegment.model import load_checkpoint, read_checkpoint
+from tilesegment.pipeline import segment
+from tilesegment.predict import _PREDICTORS
+
+from .conftest import random_volume, write_mrc
+
+
+def probabilities(path: str) -> np.ndarray:
+    return np.asarray(zarr.open_array(f"{path}/probabilities/0", mode="r")[:])
+
+
+def labels(path: str) -> np.ndarray:
+    return np.asarray(zarr.open_array(f"{path}/0", mode="r")[:])
+
+
+@pytest.mark.parametrize("blend", ["gaussian", "linear", "constant"])
+@pytest.mark.parametrize(
+    "shape, tile, chunk",
+    [
+        ((37, 41, 29), 16, 8),  # odd, non-chunk-multiple
+        ((20, 48, 33), (8, 16, 16), (8, 16, 16)),  # anisotropic tiles and chunks
+        ((5, 9, 7), 16, 8),  # smaller than one tile on every axis
+        ((40, 6, 50), 16, 16),  # smaller than a tile on one axis only
+    ],
+)
+def test_identity_network_returns_the_input(tmp_path, client, identity_model, blend, shape, tile, chunk):
+    volume = random_volume(shape)
+    src = write_mrc(tmp_path / "in.mrc", volume)
+    out = str(tmp_path / "out.zarr")
+    report = segment(src, out, model=identity_model, tile=tile, chunk=chunk, blend=blend, overlap=0.5,
+                     probabilities=True, probability_dtype="float32", client=client)
+    np.testing.assert_allclose(probabilities(out)[0], volume, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(labels(out), (volume > 0.5).astype(np.uint8))
+    assert report.tiles_forwarded == report.tile_count
+
+
+def run_small(tmp_path, client, model, volume, name, **options):
+    src = tmp_path / "in.mrc"
+    if not src.exists():
+        write_mrc(src, volume)
+    out = str(tmp_path / f"{name}.zarr")
+    report = segment(str(src), out, model=model, tile=16, overlap=0.25, probabilities=True, probability_dtype="float32",
+                     client=client, **options)
+    return report, probabilities(out), labels(out)
+
+
+def test_result_independent_of_block_and_chunk(tmp_path, client, small_net):
+    volume = random_volume((40, 52, 36), seed=3)
+    reference = run_small(tmp_path, client, small_net, volume, "a", chunk=16, block=16)
+    for i, options in enumerate([dict(chunk=16, block=48), dict(chunk=8, block=24), dict(chunk=(8, 16, 8), block=(32, 16, 40))]):
+        report, probs, labs = run_small(tmp_path, client, small_net, volume, f"b{i}", **options)
+        assert report.blocks != reference[0].blocks or options["chunk"] != 16
+        np.testing.assert_allclose(probs, reference[1], atol=1e-6)
+        assert (labs != reference[2]).mean() < 1e-4  # argmax may flip only at exact ties
+
+
+def test_result_independent_of_worker_count(tmp_path, small_net):
+    from distributed import Client, LocalCluster
+
+    volume = random_volume((30, 40, 34), seed=4)
+    results = []
+    for n in (1, 2):
+        with LocalCluster(n_workers=n, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, Client(cluster) as c:
+            results.append(run_small(tmp_path, c, small_net, volume, f"w{n}", chunk=8, block=16))
+    np.testing.assert_allclose(results[0][1], results[1][1], atol=1e-6)
+    np.testing.assert_array_equal(results[0][2], results[1][2])
+
+
+def sliding_window_reference(volume: np.ndarray, model_path: str, tile: int, overlap: float, blend: str) -> np.ndarray:
+    """A plain in-memory sliding window: every tile of the global grid, weighted, summed, divided."""
+    model, config = load_checkpoint(read_checkpoint(model_path))
+    data = (volume - volume.mean(dtype=np.float64)) / volume.std(dtype=np.float64)
+    stride = max(1, round(tile * (1 - overlap)))
+
+    def origins(n: int) -> list[int]:
+        if n <= tile:
+            return [0]
+        starts = list(range(0, n - tile, stride))
+        return starts + [n - tile]
+
+    pad = [(0, max(0, tile - n)) for n in volume.shape]
+    padded = np.pad(data, pad, mode="reflect").astype(np.float32)
+    w = window((tile,) * 3, blend)
+    total = np.zeros((config.out_channels, *padded.shape), np.float64)
+    weight = np.zeros(padded.shape, np.float64)
+    for z in origins(volume.shape[0]):
+        for y in origins(volume.shape[1]):
+            for x in origins(volume.shape[2]):
+                sl = (slice(z, z + tile), slice(y, y + tile), slice(x, x + tile))
+                with torch.no_grad():
+                    p = torch.softmax(model(torch.from_numpy(padded[sl][None, None].copy())), 1)[0].numpy()
+                total[(slice(None), *sl)] += p * w
+                weight[sl] += w
+    z, y, x = volume.shape
+    return (total / weight)[:, :z, :y, :x].astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", [(36, 44, 30), (12, 40, 40)])
+def test_matches_in_memory_sliding_window(tmp_path, client, small_net, shape):
+    volume = random_volume(shape, seed=5) * 3 + 1
+    _, probs, labs = run_small(tmp_path, client, small_net, volume, "ref", chunk=8, block=16)
+    expected = sliding_window_reference(volume, small_net, 16, 0.25, "gaussian")
+    np.testing.assert_allclose(probs, expected, atol=2e-5)
+    assert (labs == np.argmax(expected, axis=0)).mean() > 0.9999
+
+
+def test_each_tile_forwarded_exactly_once(tmp_path, client, small_net):
+    volume = random_volume((44, 30, 38), seed=6)
+    run_small(tmp_path, client, small_net, volume, "warm", chunk=8, block=16)  # loads the model in this process
+    (predictor,) = [p for p in _PREDICTORS.values() if p.config.channels == (4, 8, 8)]
+    seen: list[int] = []
+    handle = predictor.model.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    try:
+        report, _, _ = run_small(tmp_path, client, small_net, volume, "count", chunk=8, block=16, batch=3)
+    finally:
+        handle.remove()
+    origins = [len(range(0, n - 16, 12)) + 1 for n in volume.shape]
+    assert sum(seen) == report.tiles_forwarded == report.tile_count == origins[0] * origins[1] * origins[2]
+    assert max(seen) <= 3
+
+
+def test_output_metadata_and_pyramid(tmp_path, client, identity_model):
+    volume = random_volume((64, 70, 66))
+    src = write_mrc(tmp_path / "in.mrc", volume)
+    out = str(tmp_path / "out.zarr")
+    segment(src, out, model=identity_model, tile=16, chunk=16, client=client)
+    group = zarr.open_group(out, mode="r")
+    attrs = dict(group.attrs)
+    assert attrs["tilesegment"]["status"] == "complete"
+    assert attrs["image-label"]["properties"][1]["class"] == "value"
+    datasets = attrs["multiscales"][0]["datasets"]
+    assert [d["coordinateTransformations"][0]["scale"][0] for d in datasets] == [10.0, 20.0, 40.0]
+    level0 = group["0"][:]
+    for level in (1, 2):  # nearest-neighbour label pyramid
+        np.testing.assert_array_equal(group[str(level)][:], level0[:: 2**level, :: 2**level, :: 2**level])
+
+
+def test_zarr_v3_sharded_output_equals_v2(tmp_path, client, small_net):
+    volume = random_volume((40, 40, 40), seed=7)
+    _, p2, l2 = run_small(tmp_path, client, small_net, volume, "v2", chunk=16)
+    _, p3, l3 = run_small(tmp_path, client, small_net, volume, "v3", chunk=8, shard=16, ngff="0.5")
+    np.testing.assert_allclose(p2, p3, atol=1e-6)
+    np.testing.assert_array_equal(l2, l3)
+    meta = zarr.open_group(str(tmp_path / "v3.zarr"), mode="r").attrs["ome"]
+    assert meta["version"] == "0.5" and "image-label" in meta
+
+
+def test_zarr_input_equals_mrc_input(tmp_path, client, small_net):
+    from tilesegment.convert import convert
+
+    volume = random_volume((33, 35, 37), seed=8)
+    _, from_mrc, _ = run_small(tmp_path, client, small_net, volume, "mrc", chunk=8)
+    convert(str(tmp_path / "in.mrc"), str(tmp_path / "in.zarr"), chunk=16)
+    out = str(tmp_path / "fromzarr.zarr")
+    segment(str(tmp_path / "in.zarr"), out, model=small_net, tile=16, overlap=0.25, probabilities=True,
+            probability_dtype="float32", client=client, chunk=8)
+    np.testing.assert_allclose(probabilities(out), from_mrc, atol=2e-5)  # stats from a coarse level differ slightly

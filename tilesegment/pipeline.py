@@ -1,0 +1,204 @@
+"""``segment``: the main job, read → plan tiles → predict → blend → write, as one library call.
+
+This module validates everything up front (so bad input fails in a second with one clear line,
+before any output exists), lays out the output OME-Zarr, and hands the block graph to
+:mod:`tilesegment.executor`. The output is a label image (``image-label`` metadata, nearest-
+neighbour pyramid) at the group's root, and optionally the class probabilities under
+``probabilities/``. The root's ``tilesegment.status`` attribute reads ``running`` until the last
+chunk and pyramid level are written, then ``complete``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from . import __version__
+from .blocks import BlockJob, BlockResult
+from .blending import BLEND_MODES
+from .errors import InputError, OptionError
+from .geometry import Shape, as_shape
+from .ome import image_label, multiscales, ome_attrs
+from .plan import BlockPlan
+from .pyramid import auto_levels, build_level_region, level_regions, level_shapes
+from .volume import VolumeSource, intensity_statistics, open_volume
+from .zarr_io import ArraySpec, create_array, create_group, update_attrs, write_unit
+
+__all__ = ["segment", "RunReport", "PROBABILITY_DTYPES", "VOXEL_SIZE_TOLERANCE"]
+
+log = logging.getLogger(__name__)
+
+PROBABILITY_DTYPES = ("float16", "float32", "uint8")
+VOXEL_SIZE_TOLERANCE = 1.25  # refuse when the tomogram's voxel size is off the model's by more than this factor
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """What a run did, for the CLI's summary and for tests."""
+
+    output: str
+    shape: Shape
+    tiles_forwarded: int
+    tile_count: int
+    blocks: int
+    foreground_voxels: int
+    seconds: float
+    class_names: tuple[str, ...]
+    dashboard: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tiles_per_second(self) -> float:
+        return self.tiles_forwarded / self.seconds if self.seconds > 0 else 0.0
+
+
+def _check_paths(input_path: str, output: str) -> None:
+    src, dst = os.path.realpath(input_path), os.path.realpath(output)
+    if dst == src or dst.startswith(src.rstrip(os.sep) + os.sep):
+        raise OptionError(f"output {output} is inside the input {input_path}.", "Write the output somewhere else; tileseg never modifies its input.")
+    if src.startswith(dst.rstrip(os.sep) + os.sep):
+        raise OptionError(f"output {output} contains the input {input_path}; overwriting it would delete the input.", "Choose another output path.")
+
+
+def _check_voxel_size(source: VolumeSource, model_voxel: float, ignore: bool) -> None:
+    if source.voxel_size is None:
+        log.warning("%s records no voxel size; assuming the model's %.3g Å.", source.path, model_voxel)
+        return
+    ratio = max(source.voxel_size) / model_voxel
+    if not ignore and not (1 / VOXEL_SIZE_TOLERANCE <= ratio <= VOXEL_SIZE_TOLERANCE):
+        size = " × ".join(f"{v:.4g}" for v in source.voxel_size)
+        raise InputError(
+            f"{source.path}: voxel size {size} Å is {ratio:.2f}× the model's {model_voxel:.4g} Å; tileseg refuses rather than resample.",
+            f"Bin or rescale the tomogram to about {model_voxel:.4g} Å/voxel (e.g. IMOD 'binvol'), use a model trained at this voxel size, or pass --ignore-voxel-size.",
+        )
+
+
+def _check_tile(tile: Shape, multiple: int, architecture: str) -> None:
+    bad = [t for t in tile if t % multiple or t < multiple]
+    if bad:
+        suggestion = ",".join(str(max(multiple, round(t / multiple) * multiple)) for t in tile)
+        raise OptionError(f"--tile {','.join(map(str, tile))} does not fit the {architecture} network, which needs multiples of {multiple}.",
+                          f"Use --tile {suggestion}.")
+
+
+def segment(
+    input_path: str,
+    output: str,
+    *,
+    model: str | None = None,
+    tile: int | Sequence[int] = 64,
+    overlap: float = 0.25,
+    blend: str = "gaussian",
+    batch: int = 4,
+    device: str = "cpu",
+    scheduler: str | None = None,
+    workers: int | None = None,
+    block: int | Sequence[int] | None = None,
+    chunk: int | Sequence[int] = 64,
+    shard: int | Sequence[int] | None = None,
+    ngff: str = "0.4",
+    levels: int | None = None,
+    probabilities: bool = False,
+    probability_dtype: str = "float16",
+    overwrite: bool = False,
+    ignore_voxel_size: bool = False,
+    threads: int | None = None,
+    client: Any = None,
+    progress: Callable[[BlockResult], None] | None = None,
+    on_start: Callable[[BlockPlan, str | None], None] | None = None,
+) -> RunReport:
+    """Segment the tomogram at ``input_path`` into the OME-Zarr label image ``output``."""
+    from .executor import connect, install_model, predict_resources, run_blocks, map_tasks, dashboard_link
+    from .model import load_checkpoint, read_checkpoint
+    from .predict import model_key, resolve_device
+
+    started = time.perf_counter()
+    input_path, output = os.fspath(input_path), os.fspath(output)
+    if blend not in BLEND_MODES:
+        raise OptionError(f"--blend {blend!r} is not a blending mode.", f"Use one of: {', '.join(BLEND_MODES)}.")
+    if batch < 1:
+        raise OptionError(f"--batch {batch} must be at least 1.", "Use --batch 1 or more (4-16 on a GPU).")
+    if ngff not in ("0.4", "0.5"):
+        raise OptionError(f"--ngff {ngff} is not supported.", "Use 0.4 (Zarr v2) or 0.5 (Zarr v3).")
+    if probability_dtype not in PROBABILITY_DTYPES:
+        raise OptionError(f"--probability-dtype {probability_dtype} is not supported.", f"Use one of: {', '.join(PROBABILITY_DTYPES)}.")
+    try:
+        tile_shape, chunk_shape = as_shape(tile, "--tile"), as_shape(chunk, "--chunk")
+        shard_shape = as_shape(shard, "--shard") if shard is not None else None
+        block_shape = as_shape(block, "--block") if block is not None else None
+    except (ValueError, TypeError) as exc:
+        raise OptionError(str(exc) + ".", "Give one number, or three separated by commas (z,y,x).") from None
+    if min(tile_shape) < 1 or min(chunk_shape) < 1:
+        raise OptionError(f"--tile {tile_shape} and --chunk {chunk_shape} must be positive.", "Use sizes of at least 1 voxel.")
+    if shard_shape is not None and ngff == "0.4":
+        raise OptionError("--shard needs Zarr v3.", "Add --ngff 0.5, or leave out --shard.")
+    if shard_shape is not None and any(s % c for s, c in zip(shard_shape, chunk_shape)):
+        raise OptionError(f"--shard {shard_shape} is not a multiple of --chunk {chunk_shape}.", "Make each shard a whole number of chunks.")
+    if scheduler is None and client is None:
+        resolve_device(device)  # an embedded cluster's GPU is this machine's
+    _check_paths(input_path, output)
+
+    source = open_volume(input_path)
+    checkpoint = read_checkpoint(model)
+    _, config = load_checkpoint(checkpoint, "cpu", name=model or "the default model")
+    _check_tile(tile_shape, config.size_multiple, config.architecture)
+    _check_voxel_size(source, config.voxel_size, ignore_voxel_size)
+    normalization = intensity_statistics(source) if config.normalization == "zscore" else None
+
+    spec = ArraySpec(chunk_shape, shard_shape if ngff == "0.5" else None)
+    plan = BlockPlan.create(source.shape, tile_shape, overlap, write_unit(spec), block_shape)
+    n_levels = levels or auto_levels(source.shape)
+    shapes = level_shapes(source.shape, n_levels)
+    voxel = source.voxel_size or (config.voxel_size,) * 3
+    label_dtype = "uint8" if len(config.class_names) <= 255 else "uint16"
+
+    group = create_group(output, ngff, overwrite=overwrite)
+    paths = [str(i) for i in range(n_levels)]
+    for path, shape in zip(paths, shapes):
+        create_array(group, path, shape, label_dtype, spec)
+    prob_paths: list[str] = []
+    if probabilities:
+        prob_group = group.create_group("probabilities")
+        for path, shape in zip(paths, shapes):
+            create_array(prob_group, path, shape, probability_dtype, spec, channels=config.out_channels)
+        prob_group.attrs.update(ome_attrs(ngff, multiscales=[multiscales("probabilities", paths, voxel, [2**i for i in range(n_levels)], ngff, channel=True)]))
+        prob_paths = [f"{output}/probabilities/{p}" for p in paths]
+    settings = {"tile": list(tile_shape), "overlap": overlap, "blend": blend, "block": list(plan.block), "batch": batch,
+                "model": model or "default", "architecture": config.architecture, "model_voxel_size": config.voxel_size}
+    info = {"version": __version__, "status": "running", "input": input_path, "settings": settings,
+            "tiles": plan.grid.count, "blocks": plan.block_count}
+    names = config.class_names if config.out_channels > 1 else ("background", config.class_names[-1])
+    group.attrs.update({
+        **ome_attrs(ngff, multiscales=[multiscales("segmentation", paths, voxel, [2**i for i in range(n_levels)], ngff, method="nearest")],
+                    **{"image-label": image_label(names, ngff)}),
+        "tilesegment": info,
+    })
+
+    job = BlockJob(
+        source=source, plan=plan, model_key=model_key(checkpoint, device), channels=config.out_channels, batch_size=batch,
+        blend=blend, normalization=normalization, label_rule="argmax" if config.output == "softmax" else "threshold",
+        labels_path=f"{output}/{paths[0]}", label_dtype=label_dtype,
+        probabilities_path=prob_paths[0] if prob_paths else None, probability_dtype=probability_dtype,
+    )
+    embedded = client is None and scheduler is None
+    with (connect(scheduler, workers, device) if client is None else contextlib.nullcontext(client)) as active:
+        link = dashboard_link(active)
+        if on_start:
+            on_start(plan, link)
+        install_model(active, job.model_key, checkpoint, device, threads)
+        results = run_blocks(active, job, predict_resources(active, device, embedded), on_done=progress)
+        for level in range(1, n_levels):
+            for prefix, method in ((f"{output}/", "nearest"), *(((f"{output}/probabilities/", "mean"),) if prob_paths else ())):
+                src, dst = f"{prefix}{level - 1}", f"{prefix}{level}"
+                tasks = [(src, dst, box, shapes[level - 1], method) for box in level_regions(shapes[level], write_unit(spec))]
+                map_tasks(active, build_level_region, tasks)
+    forwarded = sum(r.tiles_forwarded for r in results)
+    seconds = time.perf_counter() - started
+    update_attrs(output, {"tilesegment": {**info, "status": "complete", "tiles_forwarded": forwarded, "seconds": round(seconds, 3)}})
+    return RunReport(output, source.shape, forwarded, plan.grid.count, plan.block_count,
+                     sum(r.foreground_voxels for r in results), seconds, tuple(names), link)
+

@@ -1,0 +1,217 @@
+"""The tile/block plan: pure geometry, no data, no Dask, no GPU.
+
+Stitching strategy (see ``shared/DESIGN.md``): **one-directional spill, finalise whole blocks.**
+
+* One global grid of overlapping tiles covers the volume. Along each axis the origins are
+  ``0, s, 2s, ...`` with the last tile shifted inward to end at the volume's edge; an axis shorter
+  than the tile gets one tile at 0 that is padded when read.
+* The volume is cut into blocks aligned to the output's write unit (a chunk, or a shard for Zarr
+  v3). A block *owns* the tiles whose origin lies inside it, and forwards each of them exactly once.
+* Because tiles only reach *forwards* from their origin, and a block is at least one tile long, the
+  weighted sums of a block's tiles land in its own region plus a thin shell on its high side: a face,
+  edge or corner piece of each of its 7 upper neighbours (``offset`` in ``{0,1}³``).
+* A block's region is therefore final once its own core piece and the spill pieces of its (up to 7)
+  lower neighbours are added. The finalise task normalises and writes every chunk of the region
+  once; only thin spill pieces, never whole blocks, wait in memory for a neighbour.
+
+Each tile is forwarded once, each chunk written once by one task, and memory per task is bounded by
+the block size whatever the volume's size.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Iterator
+
+from .errors import OptionError
+from .geometry import Box, Shape, as_shape, ceil_div
+
+__all__ = ["TileGrid", "BlockPlan", "OFFSETS", "tile_origins", "stride_for"]
+
+#: The 8 piece offsets of a block: (0,0,0) is its own region, the others spill into neighbours.
+OFFSETS: tuple[Shape, ...] = tuple(itertools.product((0, 1), repeat=3))  # type: ignore[assignment]
+
+
+def stride_for(tile: Shape, overlap: float) -> Shape:
+    """Tile stride for a fractional overlap (0 ≤ overlap < 1) between neighbouring tiles."""
+    if not 0.0 <= overlap < 1.0:
+        raise OptionError(f"--overlap {overlap} is out of range.", "Use a fraction 0 <= overlap < 1, e.g. 0.25.")
+    return tuple(max(1, round(t * (1.0 - overlap))) for t in tile)  # type: ignore[return-value]
+
+
+def tile_origins(length: int, tile: int, stride: int) -> tuple[int, ...]:
+    """Origins along one axis: a regular grid with the last tile shifted inward to end at the edge."""
+    if length <= tile:
+        return (0,)
+    n = ceil_div(length - tile, stride) + 1
+    return tuple(i * stride for i in range(n - 1)) + (length - tile,)
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """The one global grid of overlapping tiles over a volume."""
+
+    volume: Shape
+    tile: Shape
+    stride: Shape
+
+    def __post_init__(self) -> None:
+        for name, value in (("volume", self.volume), ("tile", self.tile), ("stride", self.stride)):
+            if any(v < 1 for v in value):
+                raise OptionError(f"{name} shape {value} has a non-positive size.", f"Give a {name} of at least 1 voxel per axis.")
+        if any(s > t for s, t in zip(self.stride, self.tile)):
+            raise OptionError(f"stride {self.stride} is larger than the tile {self.tile}, leaving gaps.", "Use an overlap >= 0.")
+
+    @cached_property
+    def origins(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        return tuple(tile_origins(n, t, s) for n, t, s in zip(self.volume, self.tile, self.stride))  # type: ignore[return-value]
+
+    @property
+    def count(self) -> int:
+        z, y, x = (len(o) for o in self.origins)
+        return z * y * x
+
+    def tile_box(self, origin: Shape) -> Box:
+        """The tile at ``origin``; it may reach past the volume only where the volume is smaller."""
+        return Box.from_shape(self.tile, origin)
+
+    def tiles(self) -> Iterator[Box]:
+        for origin in itertools.product(*self.origins):
+            yield self.tile_box(origin)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """Blocks of tiles over a :class:`TileGrid`, aligned to the output's write unit ``chunk``."""
+
+    grid: TileGrid
+    block: Shape
+    chunk: Shape
+
+    def __post_init__(self) -> None:
+        for axis, (b, c, t, n) in enumerate(zip(self.block, self.chunk, self.grid.tile, self.grid.volume)):
+            if c < 1 or b < 1 or b % c:
+                raise OptionError(
+                    f"block shape {self.block} is not a multiple of the output chunk {self.chunk} (axis {axis}).",
+                    "Choose a block that is a whole number of chunks (or shards) per axis.",
+                )
+            if b < t and b < n:
+                raise OptionError(
+                    f"block shape {self.block} is smaller than the tile {self.grid.tile} (axis {axis}).",
+                    "Use blocks at least one tile long, so a tile spills only into its direct neighbours.",
+                )
+
+    @classmethod
+    def create(
+        cls,
+        volume: Shape | int,
+        tile: Shape | int,
+        overlap: float,
+        chunk: Shape | int,
+        block: Shape | int | None = None,
+    ) -> "BlockPlan":
+        """Plan with a default block of about three tiles, rounded up to whole chunks."""
+        volume, tile, chunk = as_shape(volume), as_shape(tile), as_shape(chunk)
+        grid = TileGrid(volume, tile, stride_for(tile, overlap))
+        if block is None:
+            block = tuple(
+                min(ceil_div(3 * t, c) * c, ceil_div(n, c) * c) for t, c, n in zip(tile, chunk, volume)
+            )  # type: ignore[assignment]
+        return cls(grid, as_shape(block), chunk)
+
+    @property
+    def volume(self) -> Shape:
+        return self.grid.volume
+
+    @property
+    def volume_box(self) -> Box:
+        return Box.from_shape(self.volume)
+
+    @property
+    def counts(self) -> Shape:
+        return tuple(ceil_div(n, b) for n, b in zip(self.volume, self.block))  # type: ignore[return-value]
+
+    @property
+    def block_count(self) -> int:
+        z, y, x = self.counts
+        return z * y * x
+
+    def indices(self) -> Iterator[Shape]:
+        return itertools.product(*(range(c) for c in self.counts))  # type: ignore[return-value]
+
+    def region(self, index: Shape) -> Box:
+        """The part of the volume whose chunks this block writes."""
+        start = tuple(i * b for i, b in zip(index, self.block))
+        return Box.from_shape(self.block, start).intersect(self.volume_box)
+
+    @cached_property
+    def _owned(self) -> tuple[tuple[tuple[int, ...], ...], ...]:
+        """Per axis, per block index: the tile origins owned by that block."""
+        owned = []
+        for origins, b, c in zip(self.grid.origins, self.block, self.counts):
+            owned.append(tuple(tuple(o for o in origins if i * b <= o < (i + 1) * b) for i in range(c)))
+        return tuple(owned)
+
+    def tile_origins(self, index: Shape) -> tuple[tuple[int, ...], ...]:
+        return tuple(self._owned[axis][i] for axis, i in enumerate(index))
+
+    def tiles(self, index: Shape) -> list[Box]:
+        """The tiles this block forwards (those whose origin lies in its region)."""
+        return [self.grid.tile_box(o) for o in itertools.product(*self.tile_origins(index))]  # type: ignore[arg-type]
+
+    def tile_count(self, index: Shape) -> int:
+        z, y, x = (len(o) for o in self.tile_origins(index))
+        return z * y * x
+
+    def input_box(self, index: Shape) -> Box:
+        """The input region the block's tiles read (may reach past a volume smaller than a tile)."""
+        origins = self.tile_origins(index)
+        if any(not o for o in origins):
+            return Box(self.region(index).start, self.region(index).start)
+        return Box(
+            tuple(o[0] for o in origins),  # type: ignore[arg-type]
+            tuple(o[-1] + t for o, t in zip(origins, self.grid.tile)),  # type: ignore[arg-type]
+        )
+
+    def extent(self, index: Shape) -> Box:
+        """Where the block's weighted sums land: from its region's start to its last tile's end, in the volume."""
+        tiles = self.input_box(index)
+        if tiles.empty:
+            return tiles
+        region = self.region(index)
+        stop = tuple(max(r, t) for r, t in zip(region.stop, tiles.stop))
+        return Box(region.start, stop).intersect(self.volume_box)  # type: ignore[arg-type]
+
+    def pieces(self, index: Shape) -> dict[Shape, Box]:
+        """The non-empty parts of the block's extent, keyed by the offset of the block they belong to."""
+        extent = self.extent(index)
+        if extent.empty:
+            return {}
+        region = self.region(index)
+        result = {}
+        for offset in OFFSETS:
+            start, stop = [], []
+            for axis, d in enumerate(offset):
+                if d == 0:
+                    start.append(region.start[axis])
+                    stop.append(region.stop[axis])
+                else:
+                    start.append(region.stop[axis])
+                    stop.append(max(region.stop[axis], extent.stop[axis]))
+            box = Box(tuple(start), tuple(stop))  # type: ignore[arg-type]
+            if not box.empty:
+                result[offset] = box
+        return result
+
+    def incoming(self, index: Shape) -> list[tuple[Shape, Shape]]:
+        """``(source block, offset)`` of every piece that lands in this block's region."""
+        result = []
+        for offset in OFFSETS:
+            source = tuple(i - d for i, d in zip(index, offset))
+            if min(source) < 0:
+                continue
+            if offset in self.pieces(source):  # type: ignore[arg-type]
+                result.append((source, offset))
+        return result  # type: ignore[return-value]

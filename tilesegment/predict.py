@@ -1,0 +1,87 @@
+"""Running the network on batches of tiles, with one loaded model per worker process.
+
+Models are loaded once per process into :data:`_PREDICTORS` (by a Dask worker plugin, or directly
+in-process) and looked up by key; tasks carry only the key. Loading from checkpoint *bytes* means
+remote workers need no access to the client's files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+
+import numpy as np
+import torch
+
+from .errors import ClusterError
+from .model import ModelConfig, load_checkpoint
+
+__all__ = ["Predictor", "model_key", "install_predictor", "get_predictor", "resolve_device"]
+
+_PREDICTORS: dict[str, "Predictor"] = {}
+_LOCK = threading.Lock()
+
+
+def model_key(data: bytes, device: str) -> str:
+    return f"{hashlib.sha256(data).hexdigest()[:16]}-{device}"
+
+
+def resolve_device(device: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N``; refuse CUDA where there is none."""
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ClusterError(f"--device {device} was asked for, but PyTorch sees no CUDA GPU here.",
+                               "Use --device cpu, or run on a machine with a GPU and a CUDA build of PyTorch.")
+        return torch.device(device)
+    if device != "cpu":
+        raise ClusterError(f"--device {device!r} is not a device.", "Use cpu, cuda or cuda:N.")
+    return torch.device("cpu")
+
+
+class Predictor:
+    """A loaded network that turns a batch of tiles into per-class probabilities."""
+
+    def __init__(self, data: bytes, device: str = "cpu") -> None:
+        self.device = resolve_device(device)
+        self.model, self.config = load_checkpoint(data, self.device)
+        self._pin = self.device.type == "cuda"
+
+    @property
+    def out_channels(self) -> int:
+        return self.config.out_channels
+
+    @torch.inference_mode()
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        """``(n, z, y, x)`` float32 tiles → ``(n, C, z, y, x)`` float32 probabilities."""
+        x = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32))[:, None]
+        if self._pin:
+            x = x.pin_memory()
+        y = self.model(x.to(self.device, non_blocking=True))
+        y = _activate(y.float(), self.config)
+        return y.cpu().numpy()
+
+
+def _activate(y: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    if config.output == "softmax":
+        return torch.softmax(y, dim=1)
+    if config.output == "sigmoid":
+        return torch.sigmoid(y)
+    return y
+
+
+def install_predictor(key: str, data: bytes, device: str = "cpu", threads: int | None = None) -> Predictor:
+    """Load the model for ``key`` in this process, once."""
+    with _LOCK:
+        if threads:
+            torch.set_num_threads(threads)
+        if key not in _PREDICTORS:
+            _PREDICTORS[key] = Predictor(data, device)
+        return _PREDICTORS[key]
+
+
+def get_predictor(key: str) -> Predictor:
+    try:
+        return _PREDICTORS[key]
+    except KeyError:
+        raise ClusterError(f"model {key} is not loaded on this worker.",
+                           "Workers get the model from tileseg's worker plugin; start workers before or after the run, not with a different Python environment.") from None

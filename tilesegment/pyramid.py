@@ -1,0 +1,58 @@
+"""Multiscale pyramids: level shapes, 2× downsampling, and building one level from the previous.
+
+Level ``l`` is the 2^l× downsampled volume: mean for intensities and probabilities, nearest
+(every second voxel) for labels, so label values stay valid. A level is built region by region from
+the level below as it is stored, so memory stays bounded by one region whatever the volume size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .geometry import Box, Shape, ceil_div
+from .zarr_io import read_region, write_region
+
+__all__ = ["auto_levels", "level_shapes", "downsample", "level_regions", "build_level_region"]
+
+MIN_LEVEL_SIZE = 16  # stop before any axis of a level would be shorter than this
+MAX_LEVELS = 6
+
+
+def auto_levels(shape: Shape) -> int:
+    """Levels until the next one would have an axis shorter than ``MIN_LEVEL_SIZE`` (at most 6)."""
+    levels = 1
+    while levels < MAX_LEVELS and min(ceil_div(n, 2**levels) for n in shape) >= MIN_LEVEL_SIZE:
+        levels += 1
+    return levels
+
+
+def level_shapes(shape: Shape, levels: int) -> list[Shape]:
+    return [tuple(ceil_div(n, 2**level) for n in shape) for level in range(levels)]  # type: ignore[misc]
+
+
+def downsample(data: np.ndarray, method: str) -> np.ndarray:
+    """2× downsample the last three axes; 'mean' averages the 2×2×2 group (partial at odd edges)."""
+    if method == "nearest":
+        return np.ascontiguousarray(data[..., ::2, ::2, ::2])
+    lead = data.shape[:-3]
+    out_shape = tuple(ceil_div(n, 2) for n in data.shape[-3:])
+    pad = [(0, 0)] * len(lead) + [(0, 2 * o - n) for o, n in zip(out_shape, data.shape[-3:])]
+    values = np.pad(data.astype(np.float64), pad, mode="edge")
+    groups = values.reshape(*lead, out_shape[0], 2, out_shape[1], 2, out_shape[2], 2)
+    mean = groups.mean(axis=(-5, -3, -1))
+    if np.issubdtype(data.dtype, np.integer):
+        mean = np.rint(mean)
+    return mean.astype(data.dtype)
+
+
+def level_regions(shape: Shape, unit: Shape, target: int = 128) -> list[Box]:
+    """Boxes covering a level, each a whole number of write units and about ``target`` voxels long."""
+    piece = tuple(max(1, target // u) * u for u in unit)
+    return list(Box.from_shape(shape).split(piece))  # type: ignore[arg-type]
+
+
+def build_level_region(src_path: str, dst_path: str, box: Box, src_shape: Shape, method: str) -> int:
+    """Compute ``box`` of a level from the stored level below it; return voxels written."""
+    src_box = Box(tuple(2 * a for a in box.start), tuple(min(2 * b, n) for b, n in zip(box.stop, src_shape)))  # type: ignore[arg-type]
+    write_region(dst_path, box, downsample(read_region(src_path, src_box), method))
+    return box.size

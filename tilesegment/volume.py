@@ -1,0 +1,110 @@
+"""One input volume, whatever holds it (MRC or Zarr): describe it once, read any region as float32.
+
+A :class:`VolumeSource` is a small picklable description; tasks carry it and read their own region,
+so no array ever travels through the task graph.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InputError
+from .geometry import Box, Shape, ceil_div
+from .mrc import MrcInfo, inspect_mrc, read_mrc_region
+from .zarr_io import ZarrInput, describe_zarr_input, read_region
+
+__all__ = ["VolumeSource", "open_volume", "read_volume", "intensity_statistics", "is_zarr_path"]
+
+STATS_SAMPLE_VOXELS = 16_000_000  # statistics from about this many voxels, whatever the volume size
+
+
+def is_zarr_path(path: str) -> bool:
+    stripped = path.rstrip("/")
+    return ".zarr" in stripped or os.path.isdir(stripped)
+
+
+@dataclass(frozen=True)
+class VolumeSource:
+    """Where a volume is and what it is; ``mrc`` is set for MRC files, ``zarr`` for Zarr arrays."""
+
+    path: str
+    shape: Shape
+    dtype: str
+    voxel_size: tuple[float, float, float] | None
+    mrc: MrcInfo | None = None
+    zarr: ZarrInput | None = None
+
+    @property
+    def kind(self) -> str:
+        return "mrc" if self.mrc else "zarr"
+
+
+def open_volume(path: str | os.PathLike) -> VolumeSource:
+    """Describe the volume at ``path`` (an MRC file, a Zarr array or an OME-Zarr group)."""
+    path = os.fspath(path)
+    if not os.path.exists(path.rstrip("/")):
+        raise InputError(f"{path}: no such file or directory.", "Check the input path.")
+    if is_zarr_path(path):
+        info = describe_zarr_input(path)
+        return VolumeSource(path, info.shape, info.dtype, info.voxel_size, zarr=info)
+    mrc = inspect_mrc(path)
+    return VolumeSource(path, mrc.shape, mrc.dtype, mrc.voxel_size, mrc=mrc)
+
+
+def _read_inside(source: VolumeSource, box: Box) -> np.ndarray:
+    if source.mrc is not None:
+        return read_mrc_region(source.mrc, box)
+    assert source.zarr is not None
+    return read_region(source.zarr.array_path, box)
+
+
+def read_volume(source: VolumeSource, box: Box) -> np.ndarray:
+    """Read ``box`` as float32; parts outside the volume are filled by mirroring (reflect padding)."""
+    inside = box.intersect(Box.from_shape(source.shape))
+    data = _read_inside(source, inside).astype(np.float32, copy=False)
+    if inside == box:
+        return data
+    pad = [(a - b, d - c) for a, b, c, d in zip(inside.start, box.start, inside.stop, box.stop)]
+    mode = "reflect" if min(data.shape) > 1 else "edge"
+    return np.pad(data, pad, mode=mode)
+
+
+def intensity_statistics(source: VolumeSource) -> tuple[float, float]:
+    """Mean and standard deviation of the whole volume from a regular subsample (or a coarse level).
+
+    Computed once per run and applied to every tile alike: per-block normalisation creates seams.
+    Raises :class:`InputError` for NaN/Inf voxels and for a constant volume.
+    """
+    step = max(1, round((np.prod(source.shape) / STATS_SAMPLE_VOXELS) ** (1 / 3)))
+    if source.zarr is not None and len(source.zarr.levels) > 1 and step > 1:
+        # a coarse pyramid level is a cheap, smoothed sample of the whole volume
+        level = min(len(source.zarr.levels) - 1, int(np.log2(step)))
+        info = describe_zarr_input(source.zarr.levels[level])
+        coarse = VolumeSource(source.path, info.shape, info.dtype, None, zarr=info)
+        return intensity_statistics_of(coarse, max(1, step >> level))
+    return intensity_statistics_of(source, step)
+
+
+def intensity_statistics_of(source: VolumeSource, step: int) -> tuple[float, float]:
+    total = total_sq = 0.0
+    count = 0
+    nz, ny, nx = source.shape
+    slab = max(step, ceil_div(4_000_000, max(1, ny * nx // (step * step))) * step)
+    for z0 in range(0, nz, slab):
+        box = Box((z0, 0, 0), (min(nz, z0 + slab), ny, nx))
+        sample = _read_inside(source, box)[::step, ::step, ::step].astype(np.float64)
+        if not np.isfinite(sample).all():
+            raise InputError(f"{source.path}: the volume contains NaN or infinite voxels (seen near z={z0}).",
+                             "Replace them (e.g. with the mean) before segmenting; tileseg refuses rather than guess.")
+        total += float(sample.sum())
+        total_sq += float(np.square(sample).sum())
+        count += sample.size
+    mean = total / count
+    std = float(np.sqrt(max(total_sq / count - mean * mean, 0.0)))
+    if std <= 1e-12 * max(1.0, abs(mean)):
+        raise InputError(f"{source.path}: the volume is constant (every sampled voxel is {mean:g}).",
+                         "Check that this is the right file: an empty or constant tomogram has nothing to segment.")
+    return mean, std

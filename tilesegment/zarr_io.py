@@ -1,0 +1,174 @@
+"""All Zarr I/O: creating OME-Zarr groups and arrays, and reading or writing one region.
+
+Arrays are always addressed by path so that tasks carry strings, never open handles. A region
+written here is always a whole number of write units (chunks for Zarr v2, shards for v3) or the
+clipped end of the array, and each write unit is written by one task only: there is no
+read-modify-write and no lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numcodecs
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from .errors import InputError, OutputError
+from .geometry import Box, Shape
+from .ome import read_ome_attrs, zarr_format_for
+
+__all__ = [
+    "ArraySpec",
+    "ZarrInput",
+    "create_group",
+    "create_array",
+    "open_group",
+    "read_region",
+    "write_region",
+    "describe_zarr_input",
+    "update_attrs",
+    "write_unit",
+]
+
+COMPRESSION_LEVEL = 5
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """How to lay out one array: its chunk and (Zarr v3 only) shard shapes."""
+
+    chunk: Shape
+    shard: Shape | None = None
+
+
+def write_unit(spec: ArraySpec) -> Shape:
+    """The smallest region one task may write alone: a shard if sharded, else a chunk."""
+    return spec.shard or spec.chunk
+
+
+def _compressor(zarr_format: int, dtype: np.dtype):
+    if zarr_format == 2:
+        return numcodecs.Blosc(cname="zstd", clevel=COMPRESSION_LEVEL, shuffle=numcodecs.Blosc.BITSHUFFLE)
+    return BloscCodec(cname="zstd", clevel=COMPRESSION_LEVEL, shuffle="bitshuffle", typesize=np.dtype(dtype).itemsize)
+
+
+def create_group(path: str, ngff: str, overwrite: bool = False) -> zarr.Group:
+    """Create an empty group for an OME-Zarr of version ``ngff``; refuse to replace data unless asked."""
+    if os.path.exists(path) and not overwrite:
+        raise OutputError(f"{path} already exists.", "Choose another output path, or pass --overwrite to replace it.")
+    try:
+        return zarr.open_group(path, mode="w", zarr_format=zarr_format_for(ngff))
+    except OSError as exc:
+        raise OutputError(f"cannot create {path}: {exc.strerror or exc}.", "Check that the parent folder exists and is writable.") from None
+
+
+def open_group(path: str, mode: str = "r") -> zarr.Group:
+    return zarr.open_group(path, mode=mode)
+
+
+def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: Any, spec: ArraySpec,
+                 channels: int | None = None, fill_value: Any = 0) -> zarr.Array:
+    """Create a compressed (Blosc/zstd) array; a leading channel axis gets chunk 1."""
+    zarr_format = group.metadata.zarr_format
+    chunks: tuple[int, ...] = tuple(min(c, n) for c, n in zip(spec.chunk, shape[-3:]))
+    shards = None
+    if spec.shard is not None and zarr_format == 3:
+        shards = tuple(min(s, n) for s, n in zip(spec.shard, shape[-3:]))
+        chunks = tuple(min(c, s) for c, s in zip(chunks, shards))
+    dims = ("z", "y", "x")
+    if channels is not None:
+        shape = (channels, *shape)
+        chunks = (1, *chunks)
+        shards = (1, *shards) if shards else None
+        dims = ("c", *dims)
+    kwargs: dict[str, Any] = dict(
+        shape=shape, chunks=chunks, dtype=dtype, compressors=_compressor(zarr_format, dtype), fill_value=fill_value,
+    )
+    if zarr_format == 3:
+        kwargs.update(shards=shards, dimension_names=dims)
+    else:
+        kwargs.update(chunk_key_encoding={"name": "v2", "separator": "/"})
+    return group.create_array(name, **kwargs)
+
+
+def update_attrs(path: str, attrs: dict[str, Any]) -> None:
+    zarr.open_group(path, mode="r+").attrs.update(attrs)
+
+
+def read_region(path: str, box: Box) -> np.ndarray:
+    """Read ``box`` of the (z, y, x) or (c, z, y, x) array at ``path``."""
+    array = zarr.open_array(path, mode="r")
+    return np.asarray(array[(Ellipsis, *box.slices())])
+
+
+def write_region(path: str, box: Box, data: np.ndarray) -> None:
+    """Write ``data`` into ``box`` (whole write units only; see module docstring)."""
+    array = zarr.open_array(path, mode="r+")
+    array[(Ellipsis, *box.slices())] = data
+
+
+@dataclass(frozen=True)
+class ZarrInput:
+    """A 3D array to segment inside a Zarr store, with what its OME metadata says about it."""
+
+    array_path: str
+    shape: Shape
+    dtype: str
+    voxel_size: tuple[float, float, float] | None
+    levels: tuple[str, ...]  # all pyramid levels (finest first) when the input is an OME-Zarr group
+
+
+_UNIT_TO_ANGSTROM = {"angstrom": 1.0, "nanometer": 10.0, "micrometer": 1e4, "picometer": 0.01}
+
+
+def _voxel_size(ome: dict[str, Any], axes_count: int) -> tuple[float, float, float] | None:
+    try:
+        ms = ome["multiscales"][0]
+        scale = next(t["scale"] for t in ms["datasets"][0]["coordinateTransformations"] if t["type"] == "scale")
+        units = [a.get("unit", "angstrom") for a in ms.get("axes", [])][-3:] or ["angstrom"] * 3
+        return tuple(float(s) * _UNIT_TO_ANGSTROM.get(u, 1.0) for s, u in zip(scale[-3:], units))  # type: ignore[return-value]
+    except (KeyError, IndexError, StopIteration, TypeError, ValueError):
+        return None
+
+
+def describe_zarr_input(path: str) -> ZarrInput:
+    """Find the volume in a Zarr array or OME-Zarr group, or say clearly why there is none."""
+    try:
+        node = zarr.open(path, mode="r")
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable Zarr store ({type(exc).__name__}: {exc}).",
+                         "Give an .mrc file, a Zarr array, or an OME-Zarr group (e.g. from 'tileseg convert').") from None
+    if isinstance(node, zarr.Array):
+        array, array_path, levels, voxel = node, path, (path,), None
+        parent = os.path.dirname(path.rstrip("/"))
+        if parent and os.path.exists(parent):
+            try:
+                ome = read_ome_attrs(dict(zarr.open_group(parent, mode="r").attrs))
+                voxel = _voxel_size(ome, array.ndim)
+            except Exception:
+                voxel = None
+    else:
+        ome = read_ome_attrs(dict(node.attrs))
+        if "multiscales" in ome:
+            names = [d["path"] for d in ome["multiscales"][0]["datasets"]]
+        else:
+            names = [k for k, v in node.arrays() if v.ndim == 3][:1]
+        if not names or names[0] not in node:
+            found = json.dumps(sorted(node.keys()))
+            raise InputError(f"{path}: Zarr group holds no usable 3D array (members: {found}).",
+                             "Point INPUT at the array itself (e.g. tomo.zarr/0) or at an OME-Zarr image group.")
+        levels = tuple(f"{path.rstrip('/')}/{n}" for n in names if n in node)
+        array_path = levels[0]
+        array = node[names[0]]
+        voxel = _voxel_size(ome, array.ndim)
+    if array.ndim != 3:
+        raise InputError(f"{path}: array has {array.ndim} dimensions {array.shape}; tileseg needs a 3D (z, y, x) volume.",
+                         "Select one channel/time point first, or point INPUT at a 3D array.")
+    if array.dtype.kind not in "iuf":
+        raise InputError(f"{path}: array dtype {array.dtype} is not numeric.", "Give an integer or float volume.")
+    return ZarrInput(array_path, tuple(int(n) for n in array.shape), array.dtype.str, voxel, levels)  # type: ignore[arg-type]
