@@ -56,7 +56,7 @@ def connect(scheduler: str | None, workers: int | None = None, device: str = "cp
             threads_per_worker: int = 2) -> Iterator[Client]:
     """A client to ``scheduler`` (address or scheduler file), or to a fresh embedded LocalCluster."""
     if scheduler:
-        kwargs: dict[str, Any] = {"timeout": "10s"}
+        kwargs: dict[str, Any] = {"timeout": "5s"}
         if os.path.isfile(scheduler):
             kwargs["scheduler_file"] = scheduler
         else:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 from . import __version__
 from .blocks import BlockJob, BlockResult
 from .blending import BLEND_MODES
-from .errors import InputError, OptionError
+from .errors import InputError, OptionError, OutputError
 from .geometry import Shape, as_shape
 from .ome import image_label, multiscales, ome_attrs
 from .plan import BlockPlan
@@ -56,7 +56,9 @@ class RunReport:
         return self.tiles_forwarded / self.seconds if self.seconds > 0 else 0.0
 
 
-def _check_paths(input_path: str, output: str) -> None:
+def _check_paths(input_path: str, output: str, overwrite: bool) -> None:
+    if os.path.exists(output) and not overwrite:
+        raise OutputError(f"{output} already exists.", "Choose another output path, or pass --overwrite to replace it.")
     src, dst = os.path.realpath(input_path), os.path.realpath(output)
     if dst == src or dst.startswith(src.rstrip(os.sep) + os.sep):
         raise OptionError(f"output {output} is inside the input {input_path}.", "Write the output somewhere else; tileseg never modifies its input.")
@@ -80,7 +82,8 @@ def _check_voxel_size(source: VolumeSource, model_voxel: float, ignore: bool) ->
 def _check_tile(tile: Shape, multiple: int, architecture: str) -> None:
     bad = [t for t in tile if t % multiple or t < multiple]
     if bad:
-        suggestion = ",".join(str(max(multiple, round(t / multiple) * multiple)) for t in tile)
+        fixed = [max(multiple, -(-t // multiple) * multiple) for t in tile]
+        suggestion = str(fixed[0]) if len(set(fixed)) == 1 else ",".join(map(str, fixed))
         raise OptionError(f"--tile {','.join(map(str, tile))} does not fit the {architecture} network, which needs multiples of {multiple}.",
                           f"Use --tile {suggestion}.")
 
@@ -140,7 +143,7 @@ def segment(
         raise OptionError(f"--shard {shard_shape} is not a multiple of --chunk {chunk_shape}.", "Make each shard a whole number of chunks.")
     if scheduler is None and client is None:
         resolve_device(device)  # an embedded cluster's GPU is this machine's
-    _check_paths(input_path, output)
+    _check_paths(input_path, output, overwrite)
 
     source = open_volume(input_path)
     checkpoint = read_checkpoint(model)
@@ -154,45 +157,22 @@ def segment(
     n_levels = levels or auto_levels(source.shape)
     shapes = level_shapes(source.shape, n_levels)
     voxel = source.voxel_size or (config.voxel_size,) * 3
-    label_dtype = "uint8" if len(config.class_names) <= 255 else "uint16"
 
-    group = create_group(output, ngff, overwrite=overwrite)
-    paths = [str(i) for i in range(n_levels)]
-    for path, shape in zip(paths, shapes):
-        create_array(group, path, shape, label_dtype, spec)
-    prob_paths: list[str] = []
-    if probabilities:
-        prob_group = group.create_group("probabilities")
-        for path, shape in zip(paths, shapes):
-            create_array(prob_group, path, shape, probability_dtype, spec, channels=config.out_channels)
-        prob_group.attrs.update(ome_attrs(ngff, multiscales=[multiscales("probabilities", paths, voxel, [2**i for i in range(n_levels)], ngff, channel=True)]))
-        prob_paths = [f"{output}/probabilities/{p}" for p in paths]
     settings = {"tile": list(tile_shape), "overlap": overlap, "blend": blend, "block": list(plan.block), "batch": batch,
                 "model": model or "default", "architecture": config.architecture, "model_voxel_size": config.voxel_size}
-    info = {"version": __version__, "status": "running", "input": input_path, "settings": settings,
-            "tiles": plan.grid.count, "blocks": plan.block_count}
-    names = config.class_names if config.out_channels > 1 else ("background", config.class_names[-1])
-    group.attrs.update({
-        **ome_attrs(ngff, multiscales=[multiscales("segmentation", paths, voxel, [2**i for i in range(n_levels)], ngff, method="nearest")],
-                    **{"image-label": image_label(names, ngff)}),
-        "tilesegment": info,
-    })
-
-    job = BlockJob(
-        source=source, plan=plan, model_key=model_key(checkpoint, device), channels=config.out_channels, batch_size=batch,
-        blend=blend, normalization=normalization, label_rule="argmax" if config.output == "softmax" else "threshold",
-        labels_path=f"{output}/{paths[0]}", label_dtype=label_dtype,
-        probabilities_path=prob_paths[0] if prob_paths else None, probability_dtype=probability_dtype,
-    )
+    key = model_key(checkpoint, device)
     embedded = client is None and scheduler is None
     with (connect(scheduler, workers, device) if client is None else contextlib.nullcontext(client)) as active:
         link = dashboard_link(active)
         if on_start:
             on_start(plan, link)
-        install_model(active, job.model_key, checkpoint, device, threads)
+        install_model(active, key, checkpoint, device, threads)
+        # the output exists only once input, model and cluster are known to be usable
+        job, info = _create_output(output, overwrite, ngff, spec, shapes, voxel, config, plan, source, key, batch, blend,
+                                   normalization, probabilities, probability_dtype, settings)
         results = run_blocks(active, job, predict_resources(active, device, embedded), on_done=progress)
         for level in range(1, n_levels):
-            for prefix, method in ((f"{output}/", "nearest"), *(((f"{output}/probabilities/", "mean"),) if prob_paths else ())):
+            for prefix, method in ((f"{output}/", "nearest"), *(((f"{output}/probabilities/", "mean"),) if probabilities else ())):
                 src, dst = f"{prefix}{level - 1}", f"{prefix}{level}"
                 tasks = [(src, dst, box, shapes[level - 1], method) for box in level_regions(shapes[level], write_unit(spec))]
                 map_tasks(active, build_level_region, tasks)
@@ -200,5 +180,41 @@ def segment(
     seconds = time.perf_counter() - started
     update_attrs(output, {"tilesegment": {**info, "status": "complete", "tiles_forwarded": forwarded, "seconds": round(seconds, 3)}})
     return RunReport(output, source.shape, forwarded, plan.grid.count, plan.block_count,
-                     sum(r.foreground_voxels for r in results), seconds, tuple(names), link)
+                     sum(r.foreground_voxels for r in results), seconds, _label_names(config), link)
 
+
+def _label_names(config: Any) -> tuple[str, ...]:
+    return tuple(config.class_names) if config.out_channels > 1 else ("background", config.class_names[-1])
+
+
+def _create_output(output: str, overwrite: bool, ngff: str, spec: ArraySpec, shapes: list[Shape], voxel: Sequence[float],
+                   config: Any, plan: BlockPlan, source: VolumeSource, key: str, batch: int, blend: str,
+                   normalization: tuple[float, float] | None, probabilities: bool, probability_dtype: str,
+                   settings: dict[str, Any]) -> tuple[BlockJob, dict[str, Any]]:
+    """Lay out the output OME-Zarr (all levels, metadata, status ``running``) and describe the block job."""
+    n_levels = len(shapes)
+    label_dtype = "uint8" if len(config.class_names) <= 255 else "uint16"
+    group = create_group(output, ngff, overwrite=overwrite)
+    paths = [str(i) for i in range(n_levels)]
+    factors = [2**i for i in range(n_levels)]
+    for path, shape in zip(paths, shapes):
+        create_array(group, path, shape, label_dtype, spec)
+    if probabilities:
+        prob_group = group.create_group("probabilities")
+        for path, shape in zip(paths, shapes):
+            create_array(prob_group, path, shape, probability_dtype, spec, channels=config.out_channels)
+        prob_group.attrs.update(ome_attrs(ngff, multiscales=[multiscales("probabilities", paths, voxel, factors, ngff, channel=True)]))
+    info = {"version": __version__, "status": "running", "input": source.path, "settings": settings,
+            "tiles": plan.grid.count, "blocks": plan.block_count}
+    group.attrs.update({
+        **ome_attrs(ngff, multiscales=[multiscales("segmentation", paths, voxel, factors, ngff, method="nearest")],
+                    **{"image-label": image_label(_label_names(config), ngff)}),
+        "tilesegment": info,
+    })
+    job = BlockJob(
+        source=source, plan=plan, model_key=key, channels=config.out_channels, batch_size=batch,
+        blend=blend, normalization=normalization, label_rule="argmax" if config.output == "softmax" else "threshold",
+        labels_path=f"{output}/0", label_dtype=label_dtype,
+        probabilities_path=f"{output}/probabilities/0" if probabilities else None, probability_dtype=probability_dtype,
+    )
+    return job, info

@@ -1,0 +1,80 @@
+"""The command line as a user meets it: real `tileseg` processes, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zarr
+
+from .conftest import random_volume, write_mrc
+
+TILESEG = [sys.executable, "-m", "tilesegment.cli.main"]
+
+
+def tileseg(*args: str, cwd=None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CI": "1"}
+    return subprocess.run([*TILESEG, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *words: str) -> None:
+    assert result.returncode == code, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("tileseg: error:"), result.stderr
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+def test_version_and_help():
+    assert tileseg("--version").stdout.startswith("tileseg, version")
+    for command in ("run", "convert", "demo"):
+        result = tileseg(command, "--help")
+        assert result.returncode == 0 and "Example" in result.stdout or command == "demo"
+
+
+@pytest.fixture
+def small_mrc(tmp_path):
+    return write_mrc(tmp_path / "tomo.mrc", random_volume((24, 24, 24)))
+
+
+def test_bad_input_gets_one_line_and_an_exit_code(tmp_path, small_mrc):
+    out = str(tmp_path / "out.zarr")
+    assert_one_line_error(tileseg("run", str(tmp_path / "nope.mrc"), out), 3, "no such file")
+    (tmp_path / "notes.txt").write_text("not a tomogram\n" * 200)
+    assert_one_line_error(tileseg("run", str(tmp_path / "notes.txt"), out), 3, "not an MRC file")
+    assert_one_line_error(tileseg("run", small_mrc, out, "--tile", "18"), 2, "--tile 20")
+    assert_one_line_error(tileseg("run", small_mrc, out, "--overlap", "1.5"), 2, "overlap")
+    assert_one_line_error(tileseg("run", small_mrc, out, "--model", str(tmp_path / "missing.safetensors")), 4, "does not exist")
+    assert_one_line_error(tileseg("run", small_mrc, out, "--scheduler", "tcp://127.0.0.1:9"), 6, "--scheduler")
+    far = write_mrc(tmp_path / "far.mrc", random_volume((24, 24, 24)), voxel=4.0)
+    assert_one_line_error(tileseg("run", far, out), 3, "voxel size", "--ignore-voxel-size")
+    assert not os.path.exists(out)  # nothing half-written left behind by refused runs
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_gpu_is_refused(tmp_path, small_mrc):
+    assert_one_line_error(tileseg("run", small_mrc, str(tmp_path / "o.zarr"), "--device", "cuda"), 6, "no CUDA GPU")
+
+
+def test_output_is_never_overwritten_or_put_inside_the_input(tmp_path, small_mrc):
+    os.makedirs(tmp_path / "exists.zarr")
+    assert_one_line_error(tileseg("run", small_mrc, str(tmp_path / "exists.zarr")), 5, "--overwrite")
+    write_mrc(tmp_path / "in.mrc", random_volume((24, 24, 24)))
+    assert tileseg("convert", str(tmp_path / "in.mrc"), str(tmp_path / "in.zarr")).returncode == 0
+    assert_one_line_error(tileseg("run", str(tmp_path / "in.zarr"), str(tmp_path / "in.zarr" / "seg.zarr")), 2, "inside the input")
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_job_on_an_embedded_cluster(tmp_path):
+    result = tileseg("demo", "demo", "--size", "48", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "wrote demo/segmentation.zarr" in result.stdout
+    seg = zarr.open_group(str(tmp_path / "demo" / "segmentation.zarr"), mode="r")
+    assert seg.attrs["tilesegment"]["status"] == "complete"
+    assert seg["0"].shape == (48, 48, 48) and seg["0"].dtype == np.uint8
+    tomo = zarr.open_group(str(tmp_path / "demo" / "tomogram.zarr"), mode="r")
+    assert tomo["0"].shape == (48, 48, 48)

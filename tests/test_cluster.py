@@ -1,0 +1,77 @@
+"""`tileseg run --scheduler` against a real `dask scheduler` and two `dask worker` processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zarr
+
+from tilesegment.pipeline import segment
+
+from .conftest import random_volume, write_mrc
+from .test_cli import tileseg
+
+pytestmark = pytest.mark.slow
+
+
+def dask_command(name: str) -> list[str]:
+    exe = shutil.which("dask") or os.path.join(os.path.dirname(sys.executable), "dask")
+    return [exe, name]
+
+
+@pytest.fixture
+def real_cluster(tmp_path):
+    scheduler_file = tmp_path / "scheduler.json"
+    procs = [subprocess.Popen([*dask_command("scheduler"), "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0",
+                               "--scheduler-file", str(scheduler_file)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.time() + 60
+        while not scheduler_file.exists() and time.time() < deadline:
+            time.sleep(0.2)
+        address = json.loads(scheduler_file.read_text())["address"]
+        for i in range(2):
+            procs.append(subprocess.Popen([*dask_command("worker"), address, "--nthreads", "1", "--nworkers", "1",
+                                           "--name", f"w{i}", "--local-directory", str(tmp_path / f"w{i}")],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        from distributed import Client
+
+        with Client(address, timeout="30s") as client:
+            client.wait_for_workers(2, timeout=90)
+        yield address, str(scheduler_file)
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def test_run_on_a_real_scheduler_and_two_workers(tmp_path, real_cluster, small_net, client):
+    address, scheduler_file = real_cluster
+    volume = random_volume((40, 36, 44), seed=11)
+    src = write_mrc(tmp_path / "tomo.mrc", volume)
+    options = ["--model", small_net, "--tile", "16", "--chunk", "8", "--block", "16", "--probabilities", "--probability-dtype", "float32"]
+    result = tileseg("run", src, str(tmp_path / "remote.zarr"), "--scheduler", address, *options)
+    assert result.returncode == 0, result.stderr
+    assert "tiles" in result.stdout
+    # the same through a scheduler file, as HPC users start Dask
+    result = tileseg("run", src, str(tmp_path / "remote2.zarr"), "--scheduler", scheduler_file, *options)
+    assert result.returncode == 0, result.stderr
+    segment(src, str(tmp_path / "local.zarr"), model=small_net, tile=16, chunk=8, block=16, probabilities=True,
+            probability_dtype="float32", client=client)
+    local = zarr.open_group(str(tmp_path / "local.zarr"), mode="r")
+    for name in ("remote.zarr", "remote2.zarr"):
+        remote = zarr.open_group(str(tmp_path / name), mode="r")
+        assert remote.attrs["tilesegment"]["status"] == "complete"
+        assert remote.attrs["tilesegment"]["tiles_forwarded"] == remote.attrs["tilesegment"]["tiles"]
+        np.testing.assert_allclose(remote["probabilities/0"][:], local["probabilities/0"][:], atol=1e-6)
+        np.testing.assert_array_equal(remote["0"][:], local["0"][:])

@@ -1,0 +1,78 @@
+"""Networks and the checkpoint format: data only, never code."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save as save_safetensors
+
+from tilesegment.errors import CheckpointError
+from tilesegment.model import ModelConfig, build_model, checkpoint_bytes, load_checkpoint, read_checkpoint
+
+
+@pytest.mark.parametrize("architecture", ["ssn3d-encdec", "ssn3d-fcn"])
+@pytest.mark.parametrize("shape", [(16, 16, 16), (8, 24, 40)])
+def test_networks_are_fully_convolutional(architecture, shape):
+    config = ModelConfig(architecture=architecture, channels=(4, 8, 8), class_names=("bg", "a", "b"))
+    model = build_model(config).eval()
+    out = model(torch.zeros(2, 1, *shape))
+    assert out.shape == (2, 3, *shape)
+
+
+def test_checkpoint_round_trip_gives_the_same_network():
+    torch.manual_seed(0)
+    config = ModelConfig(channels=(4, 8, 8), voxel_size=13.5, class_names=("bg", "ribosome"))
+    model = build_model(config).eval()
+    loaded, loaded_config = load_checkpoint(checkpoint_bytes(model, config))
+    assert loaded_config == config
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_default_model_ships_with_the_package():
+    _, config = load_checkpoint(read_checkpoint(None))
+    assert config.architecture in ("ssn3d-encdec", "ssn3d-fcn") and config.voxel_size > 0
+    assert config.class_names[0] == "background"
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_checkpoint_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": Payload(str(marker))}, evil)
+    evil_pickle = pickle.dumps(Payload(str(marker)))
+    for data in (evil.read_bytes(), evil_pickle):
+        with pytest.raises(CheckpointError, match="pickled"):
+            load_checkpoint(data)
+    assert not marker.exists()
+
+
+def test_broken_checkpoints_get_clear_errors(tmp_path):
+    config = ModelConfig(channels=(4, 8, 8))
+    good = checkpoint_bytes(build_model(config), config)
+    with pytest.raises(CheckpointError, match="without tileseg metadata"):
+        load_checkpoint(save_safetensors({"w": torch.zeros(2)}))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(good[: len(good) // 2])  # truncated
+    other = ModelConfig(channels=(8, 8, 8))
+    with pytest.raises(CheckpointError, match="do not match"):
+        load_checkpoint(save_safetensors({k: v for k, v in build_model(config).state_dict().items()},
+                                         metadata={"format": "tilesegment.checkpoint/1", "tilesegment.config": other.to_json()}))
+    for change, message in (({"architecture": "resnet-9000"}, "unknown architecture"), ({"in_channels": 2}, "input channels")):
+        meta = json.loads(config.to_json()) | change
+        data = save_safetensors({}, metadata={"format": "tilesegment.checkpoint/1", "tilesegment.config": json.dumps(meta)})
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint(data)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_checkpoint(tmp_path / "missing.safetensors")

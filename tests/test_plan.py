@@ -1,0 +1,117 @@
+"""Property tests of the pure plan: coverage, ownership, and where every spill lands."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tilesegment.blending import window
+from tilesegment.errors import OptionError
+from tilesegment.geometry import Box
+from tilesegment.plan import OFFSETS, BlockPlan, TileGrid, stride_for, tile_origins
+
+
+@st.composite
+def plans(draw):
+    volume = tuple(draw(st.integers(1, 40)) for _ in range(3))
+    tile = tuple(draw(st.integers(1, 12)) for _ in range(3))
+    overlap = draw(st.sampled_from([0.0, 0.25, 0.5, 0.75]))
+    chunk = tuple(draw(st.integers(1, 8)) for _ in range(3))
+    block = tuple(c * draw(st.integers(max(1, -(-t // c)), max(1, -(-t // c)) + 3)) for c, t in zip(chunk, tile))
+    return BlockPlan(TileGrid(volume, tile, stride_for(tile, overlap)), block, chunk)
+
+
+@given(st.integers(1, 200), st.integers(1, 64), st.floats(0, 0.95))
+def test_origins_cover_the_axis_in_order(length, tile, overlap):
+    stride = stride_for((tile,) * 3, overlap)[0]
+    origins = tile_origins(length, tile, stride)
+    assert origins[0] == 0 and list(origins) == sorted(set(origins))
+    assert origins[-1] + tile >= length
+    assert all(b - a <= stride for a, b in zip(origins, origins[1:]))  # no gaps
+    assert all(o + tile <= length for o in origins) or origins == (0,)
+
+
+@settings(max_examples=200, deadline=None)
+@given(plans())
+def test_every_voxel_covered_and_weights_positive(plan):
+    coverage = np.zeros(plan.volume, np.float64)
+    vol = plan.volume_box
+    w = window(plan.grid.tile, "gaussian")
+    for tile in plan.grid.tiles():
+        inside = tile.intersect(vol)
+        coverage[inside.slices()] += w[inside.slices(tile)]
+    assert (coverage > 0).all()
+
+
+@settings(max_examples=200, deadline=None)
+@given(plans())
+def test_blocks_partition_volume_chunks_and_tiles(plan):
+    owner = np.full(plan.volume, -1)
+    tiles = []
+    for n, index in enumerate(plan.indices()):
+        region = plan.region(index)
+        assert all(s % c == 0 for s, c in zip(region.start, plan.chunk))  # chunk aligned
+        assert (owner[region.slices()] == -1).all()
+        owner[region.slices()] = n
+        tiles += plan.tiles(index)
+        for t in plan.tiles(index):  # a block owns the tiles whose origin lies in its region
+            assert all(a <= o < b for a, o, b in zip(region.start, t.start, region.stop))
+    assert (owner >= 0).all()  # every voxel, so every chunk, belongs to exactly one block
+    assert sorted(tiles) == sorted(plan.grid.tiles())  # each tile forwarded by exactly one block
+    assert len(tiles) == plan.grid.count
+
+
+@settings(max_examples=200, deadline=None)
+@given(plans())
+def test_pieces_land_in_one_neighbour_and_cover_every_tile(plan):
+    for index in plan.indices():
+        extent = plan.extent(index)
+        pieces = plan.pieces(index)
+        covered = np.zeros(extent.shape, bool)
+        for offset, box in pieces.items():
+            target = tuple(i + d for i, d in zip(index, offset))
+            assert all(t < c for t, c in zip(target, plan.counts))
+            assert plan.region(target).contains(box)
+            assert (index, offset) in plan.incoming(target)
+            covered[box.slices(extent)] = True
+        assert covered.all()  # nothing a tile adds is lost
+        for tile in plan.tiles(index):
+            assert extent.contains(tile.intersect(plan.volume_box))
+
+
+def test_spill_is_the_overlap_when_blocks_align_with_the_stride():
+    plan = BlockPlan.create((400, 400, 400), 64, 0.25, 64, block=192)
+    pieces = plan.pieces((0, 0, 0))
+    assert pieces[(1, 0, 0)].shape == (16, 192, 192)  # tile - stride
+    assert pieces[(1, 1, 1)].shape == (16, 16, 16)
+
+
+def test_invalid_plans_are_refused_with_the_fix():
+    with pytest.raises(OptionError, match="multiple of the output chunk"):
+        BlockPlan.create((100,) * 3, 16, 0.25, 16, block=24)
+    with pytest.raises(OptionError, match="smaller than the tile"):
+        BlockPlan.create((100,) * 3, 32, 0.25, 8, block=16)
+    with pytest.raises(OptionError, match="0 <= overlap < 1"):
+        stride_for((16, 16, 16), 1.0)
+
+
+def test_grid_counts_match_the_product_of_axes():
+    grid = TileGrid((100, 50, 10), (16, 16, 16), (12, 12, 12))
+    assert grid.count == len(list(grid.tiles())) == np.prod([len(o) for o in grid.origins])
+    assert grid.origins[2] == (0,)
+    assert list(itertools.islice(grid.tiles(), 1))[0] == Box((0, 0, 0), (16, 16, 16))
+
+
+def test_box_operations():
+    a = Box((0, 0, 0), (10, 10, 10))
+    b = Box((5, -2, 8), (20, 4, 9))
+    assert a.intersect(b) == Box((5, 0, 8), (10, 4, 9))
+    assert a.intersect(Box((20, 20, 20), (30, 30, 30))).empty
+    assert b.relative_to(a) == b
+    assert Box((2, 2, 2), (4, 4, 4)).slices((1, 1, 1)) == (slice(1, 3),) * 3
+    assert sum(p.size for p in a.split((3, 4, 10))) == a.size
+    assert Box((3, 3, 3), (9, 9, 9)).scaled_down(2, (4, 4, 4)) == Box((1, 1, 1), (4, 4, 4))
