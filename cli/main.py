@@ -68,8 +68,9 @@ def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.ERROR if quiet else logging.WARNING,
                         format="tileseg: %(levelname)s: %(message)s")
     if not debug:  # Dask's own INFO chatter is for --debug only
-        for name in ("distributed", "dask"):
-            logging.getLogger(name).setLevel(logging.ERROR if quiet else logging.WARNING)
+        floor = logging.ERROR if quiet else logging.WARNING
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(lambda r: r.levelno >= floor or not r.name.startswith(("distributed", "dask")))
     ctx.obj = {"quiet": quiet}
 
 

@@ -48,7 +48,7 @@ class ModelPlugin(WorkerPlugin):
             import torch
 
             device = f"cuda:{worker.name % max(1, torch.cuda.device_count())}"
-        install_predictor(self.key, self.data, device, self.threads)
+        install_predictor(self.key, self.data, device, self.threads or default_torch_threads())
 
 
 @contextlib.contextmanager
@@ -76,6 +76,15 @@ def connect(scheduler: str | None, workers: int | None = None, device: str = "cp
                                resources=resources, dashboard_address=":0", silence_logs=logging.ERROR)
     with cluster, Client(cluster) as client:
         yield client
+
+
+def default_torch_threads() -> int:
+    """CPUs this worker may use. Dask's nanny sets OMP_NUM_THREADS=1 for its workers, which would
+    leave PyTorch on one core; the network is the one thing that should use them all."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
 
 
 def embedded_worker_count(device: str) -> int:

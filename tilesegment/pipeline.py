@@ -115,7 +115,8 @@ def segment(
     on_start: Callable[[BlockPlan, str | None], None] | None = None,
 ) -> RunReport:
     """Segment the tomogram at ``input_path`` into the OME-Zarr label image ``output``."""
-    from .executor import connect, install_model, predict_resources, run_blocks, map_tasks, dashboard_link
+    from .executor import (connect, dashboard_link, default_torch_threads, embedded_worker_count, install_model,
+                           map_tasks, predict_resources, run_blocks)
     from .model import load_checkpoint, read_checkpoint
     from .predict import model_key, resolve_device
 
@@ -162,6 +163,8 @@ def segment(
                 "model": model or "default", "architecture": config.architecture, "model_voxel_size": config.voxel_size}
     key = model_key(checkpoint, device)
     embedded = client is None and scheduler is None
+    if embedded and threads is None:  # share this machine's cores among the embedded workers
+        threads = max(1, default_torch_threads() // (workers or embedded_worker_count(device)))
     with (connect(scheduler, workers, device) if client is None else contextlib.nullcontext(client)) as active:
         link = dashboard_link(active)
         if on_start:
