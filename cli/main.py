@@ -142,10 +142,10 @@ def run_segmentation(quiet: bool, input_path: str, output: str, **options: Any) 
         bar.total = plan.grid.count
         bar.refresh()
         if link and not quiet:
-            click.echo(f"Dask dashboard: {link}", err=True)
+            bar.write(f"Dask dashboard: {link}", file=sys.stderr)
 
     with bar:
-        report = segment(input_path, output, progress=lambda r: bar.update(r.tiles_forwarded), on_start=on_start, **options)
+        report = segment(input_path, output, progress=bar.update, on_start=on_start, **options)
     if not quiet:
         fraction = report.foreground_voxels / max(1, report.shape[0] * report.shape[1] * report.shape[2])
         click.echo(f"wrote {report.output}: {'×'.join(map(str, report.shape))} labels {', '.join(report.class_names)}; "

@@ -1,26 +1,35 @@
-"""The two task functions of a segmentation run: predict a block, finalise a block.
+"""The task function of a segmentation run: process one block.
 
-``predict_block`` forwards the block's own tiles (each exactly once), blends them into an
-accumulator over the block's extent and splits it into the pieces of :meth:`BlockPlan.pieces`.
-``finalise_block`` adds the pieces that land in one block's region (its own and its lower
-neighbours' spills), normalises, and writes every chunk of the region once. See
-:mod:`tilesegment.plan` for why this meets the three stitching requirements.
+``process_block`` forwards the block's own tiles (each exactly once) and blends them into an
+accumulator over the block's extent; adds the thin spill pieces its (up to 7) lower neighbours
+handed on; normalises and writes every chunk of its region once; and hands its own spill pieces on
+to its upper neighbours. The whole block never waits in memory for anyone: only spill pieces (faces,
+edges, corners a tile overlap thick) travel and wait. See :mod:`tilesegment.plan` for the geometry.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from .blending import accumulate, add_piece, new_accumulator, normalise, window
 from .errors import InputError
-from .plan import OFFSETS, BlockPlan
-from .geometry import Shape
+from .geometry import Box, Shape
+from .plan import SPILL_OFFSETS, BlockPlan
 from .volume import VolumeSource, read_volume
 from .zarr_io import write_region
 
-__all__ = ["BlockJob", "BlockResult", "predict_block", "finalise_block", "to_labels", "to_probability_dtype"]
+__all__ = ["BlockJob", "BlockResult", "process_block", "to_labels", "to_probability_dtype", "set_progress_hook"]
+
+_progress_hook: Callable[[str, int], None] | None = None
+
+
+def set_progress_hook(hook: Callable[[str, int], None] | None) -> None:
+    """Install ``hook(run, tiles)``, called after every forwarded batch (the executor routes it to the client)."""
+    global _progress_hook
+    _progress_hook = hook
 
 
 @dataclass(frozen=True)
@@ -49,15 +58,14 @@ class BlockResult:
     foreground_voxels: int
 
 
-def predict_block(job: BlockJob, index: Shape) -> tuple:
-    """Forward the block's tiles; return its 8 accumulator pieces (``None`` where empty) and the count."""
+def forward_tiles(job: BlockJob, index: Shape, acc: np.ndarray, acc_box: Box) -> int:
+    """Forward the block's own tiles in batches and add their weighted predictions into ``acc``."""
     from .predict import get_predictor  # torch only where the network runs
 
     plan = job.plan
-    pieces = plan.pieces(index)
     tiles = plan.tiles(index)
     if not tiles:
-        return (None,) * len(OFFSETS) + (0,)
+        return 0
     input_box = plan.input_box(index)
     data = read_volume(job.source, input_box)
     if not np.isfinite(data).all():
@@ -67,22 +75,16 @@ def predict_block(job: BlockJob, index: Shape) -> tuple:
         mean, std = job.normalization
         data -= np.float32(mean)
         data /= np.float32(std)
-    extent = plan.extent(index)
-    acc = new_accumulator(job.channels, extent)
     weights = window(plan.grid.tile, job.blend)
     predictor = get_predictor(job.model_key)
-    forwarded = 0
     for start in range(0, len(tiles), job.batch_size):
         batch = tiles[start : start + job.batch_size]
-        stacked = np.stack([data[tile.slices(input_box)] for tile in batch])
-        predictions = predictor(stacked)
-        forwarded += len(batch)
+        predictions = predictor(np.stack([data[tile.slices(input_box)] for tile in batch]))
         for tile, prediction in zip(batch, predictions):
-            accumulate(acc, extent, prediction, tile, weights)
-    out = tuple(
-        np.ascontiguousarray(acc[(slice(None), *pieces[o].slices(extent))]) if o in pieces else None for o in OFFSETS
-    )
-    return out + (forwarded,)
+            accumulate(acc, acc_box, prediction, tile, weights)
+        if _progress_hook is not None:
+            _progress_hook(job.labels_path, len(batch))
+    return len(tiles)
 
 
 def to_labels(probabilities: np.ndarray, rule: str, dtype: str) -> np.ndarray:
@@ -97,20 +99,31 @@ def to_probability_dtype(probabilities: np.ndarray, dtype: str) -> np.ndarray:
     return probabilities.astype(dtype)
 
 
-def finalise_block(job: BlockJob, index: Shape, forwarded: int, *pieces: np.ndarray) -> BlockResult:
-    """Blend the pieces that land in the block's region, and write its chunks (once each)."""
+def process_block(job: BlockJob, index: Shape, *incoming: np.ndarray) -> tuple:
+    """Forward, blend, finalise and write one block; return its spill pieces (by ``SPILL_OFFSETS``,
+    ``None`` where empty) followed by its :class:`BlockResult`.
+
+    ``incoming`` are the lower neighbours' pieces for this block, in the order of
+    :meth:`BlockPlan.spills_into`.
+    """
     plan = job.plan
     region = plan.region(index)
-    acc = new_accumulator(job.channels, region)
-    incoming = plan.incoming(index)
-    if len(incoming) != len(pieces):
-        raise RuntimeError(f"block {index}: expected {len(incoming)} pieces, got {len(pieces)}")
-    for (source, offset), piece in zip(incoming, pieces):
-        add_piece(acc, region, piece, plan.pieces(source)[offset])
-    probabilities = normalise(acc)
-    del acc
+    extent = plan.extent(index)
+    acc_box = extent if not extent.empty else region
+    acc = new_accumulator(job.channels, acc_box)
+    forwarded = forward_tiles(job, index, acc, acc_box)
+    sources = plan.spills_into(index)
+    if len(sources) != len(incoming):
+        raise RuntimeError(f"block {index}: expected {len(sources)} spill pieces, got {len(incoming)}")
+    for (source, offset), piece in zip(sources, incoming):
+        add_piece(acc, acc_box, piece, plan.pieces(source)[offset])
+    probabilities = normalise(acc[(slice(None), *region.slices(acc_box))])
     labels = to_labels(probabilities, job.label_rule, job.label_dtype)
     write_region(job.labels_path, region, labels)
     if job.probabilities_path:
         write_region(job.probabilities_path, region, to_probability_dtype(probabilities, job.probability_dtype))
-    return BlockResult(index, forwarded, region.size, int(np.count_nonzero(labels)))
+    pieces = plan.pieces(index)
+    spills = tuple(
+        np.ascontiguousarray(acc[(slice(None), *pieces[o].slices(acc_box))]) if o in pieces else None for o in SPILL_OFFSETS
+    )
+    return spills + (BlockResult(index, forwarded, region.size, int(np.count_nonzero(labels))),)

@@ -18,11 +18,11 @@ import numpy as np
 
 from . import __version__
 from .errors import OptionError
-from .geometry import Box, Shape, as_shape
+from .geometry import Box, Shape
 from .mrc import inspect_mrc, read_mrc_region
 from .ome import multiscales, ome_attrs
 from .pyramid import auto_levels, build_level_region, level_regions, level_shapes
-from .zarr_io import ArraySpec, create_array, create_group, update_attrs, write_region, write_unit
+from .zarr_io import create_array, output_spec, create_group, update_attrs, write_region, write_unit
 
 __all__ = ["convert", "ConvertReport", "copy_regions"]
 
@@ -49,28 +49,6 @@ def copy_regions(shape: Shape, unit: Shape, itemsize: int) -> list[Box]:
     return list(Box.from_shape(shape).split((unit[0], min(rows, ny), min(cols, nx))))
 
 
-def _level_spec(spec: ArraySpec, shape: Shape) -> ArraySpec:
-    """The spec to create a level of ``shape`` with: ``create_array`` clips a shard to the array's shape, and a
-    clipped shard that is not a whole number of chunks (e.g. shard 32, chunk 16, 29 voxels) is refused by Zarr.
-    Where an axis is shorter than the shard, use the largest whole number of chunks that fits instead. Along such
-    an axis a region (a multiple of the requested shard) covers the whole axis, so each write unit still has
-    exactly one writer."""
-    if spec.shard is None:
-        return spec
-    shard = tuple(s if n >= s else n if n <= c else n // c * c for s, c, n in zip(spec.shard, spec.chunk, shape))
-    return ArraySpec(spec.chunk, shard)  # type: ignore[arg-type]
-
-
-def _sizes(value: int | Sequence[int], option: str) -> Shape:
-    try:
-        shape = as_shape(value, option)
-    except (TypeError, ValueError) as exc:
-        raise OptionError(f"{option} {value!r} is not a size ({exc}).", "Give N or (Z, Y, X) positive integers, e.g. 64 or (32, 64, 64).") from None
-    if min(shape) < 1:
-        raise OptionError(f"{option} {value!r} is not a size.", "Give N or (Z, Y, X) positive integers, e.g. 64 or (32, 64, 64).")
-    return shape
-
-
 def _run(func: Callable[..., Any], tasks: Iterable[Sequence[Any]], threads: int, on_done: Callable[[Any], None] | None) -> None:
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for result in pool.map(lambda args: func(*args), tasks):
@@ -93,17 +71,11 @@ def convert(
     """Convert an MRC file to OME-Zarr; ``progress`` is called with the voxels of each region done."""
     started = time.perf_counter()
     input_path, output = os.fspath(input_path), os.fspath(output)
-    if ngff not in ("0.4", "0.5"):
-        raise OptionError(f"--ngff {ngff} is not supported.", "Use 0.4 (Zarr v2) or 0.5 (Zarr v3).")
-    if shard is not None and ngff == "0.4":
-        raise OptionError("--shard needs Zarr v3.", "Add --ngff 0.5, or leave out --shard.")
+    spec = output_spec(ngff, chunk, shard)
     if levels is not None and (not isinstance(levels, (int, np.integer)) or levels < 1):
         raise OptionError(f"--levels {levels!r} is not a number of levels.", "Give 1 or more, or leave it out to choose automatically.")
     if threads < 1:
         raise OptionError(f"threads={threads} is not a number of threads.", "Give 1 or more.")
-    spec = ArraySpec(_sizes(chunk, "--chunk"), _sizes(shard, "--shard") if shard is not None else None)
-    if spec.shard is not None and any(s % c for s, c in zip(spec.shard, spec.chunk)):
-        raise OptionError(f"--shard {spec.shard} is not a multiple of --chunk {spec.chunk}.", "Make each shard a whole number of chunks.")
     info = inspect_mrc(input_path)
     n_levels = int(levels) if levels is not None else auto_levels(info.shape)
     shapes = level_shapes(info.shape, n_levels)
@@ -113,7 +85,7 @@ def convert(
     group = create_group(output, ngff, overwrite=overwrite)
     paths = [str(i) for i in range(n_levels)]
     for path, shape in zip(paths, shapes):
-        create_array(group, path, shape, dtype, _level_spec(spec, shape))
+        create_array(group, path, shape, dtype, spec)
     voxel = info.voxel_size or (1.0, 1.0, 1.0)
     # NaN/inf would be written as bare NaN/Infinity, which is not JSON: strict readers reject the whole group
     origin = list(info.origin) if np.isfinite(info.origin).all() else None

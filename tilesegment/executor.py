@@ -4,11 +4,11 @@
   an existing cluster (``dask scheduler`` + ``dask worker``, dask-jobqueue, ...).
 * The model reaches each worker once, through a worker plugin that carries the checkpoint bytes
   (workers started later get it too); tasks carry only the model's key.
-* The graph has one ``predict`` task per block (no dependencies: the scheduler's root-task queuing
-  keeps only a few in flight), the split of its result into 8 pieces, and one ``finalise`` task per
-  block that depends on its own and its lower neighbours' pieces. Predict tasks ask for a ``GPU``
-  resource on GPU runs (``dask worker --resources GPU=1``) and for ``MODEL`` on the embedded CPU
-  cluster, so one block at a time runs the network per worker while another is written.
+* The graph has one ``block`` task per block (see :mod:`tilesegment.blocks`), which depends on the
+  spill pieces of its lower neighbours, created in raster order with falling priority so a worker
+  works through the volume plane by plane. Block tasks ask for a ``GPU`` resource on GPU runs
+  (``dask worker --resources GPU=1``) and for ``MODEL`` on the embedded CPU cluster, so one block at a
+  time runs the network per worker while its other thread picks spill pieces apart.
 """
 
 from __future__ import annotations
@@ -23,13 +23,15 @@ from dask import delayed
 from distributed import Client, LocalCluster, as_completed
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from .blocks import BlockJob, BlockResult, finalise_block, predict_block
+from .blocks import BlockJob, BlockResult, process_block, set_progress_hook
 from .errors import ClusterError
-from .plan import OFFSETS
+from .plan import SPILL_OFFSETS
 
 __all__ = ["connect", "ModelPlugin", "install_model", "run_blocks", "map_tasks", "dashboard_link"]
 
 log = logging.getLogger(__name__)
+
+PROGRESS_TOPIC = "tilesegment-tiles"  # workers report forwarded tiles per batch here
 
 
 class ModelPlugin(WorkerPlugin):
@@ -49,6 +51,7 @@ class ModelPlugin(WorkerPlugin):
 
             device = f"cuda:{worker.name % max(1, torch.cuda.device_count())}"
         install_predictor(self.key, self.data, device, self.threads or default_torch_threads())
+        set_progress_hook(lambda run, tiles: worker.log_event(PROGRESS_TOPIC, (run, tiles)))
 
 
 @contextlib.contextmanager
@@ -126,34 +129,43 @@ def predict_resources(client: Client, device: str, embedded: bool) -> dict[str, 
 
 
 def run_blocks(client: Client, job: BlockJob, resources: dict[str, float] | None,
-               on_done: Callable[[BlockResult], None] | None = None) -> list[BlockResult]:
-    """Build the block graph, run it, and call ``on_done`` as each block is written."""
+               on_tiles: Callable[[int], None] | None = None) -> list[BlockResult]:
+    """Build the block graph and run it; ``on_tiles(n)`` hears of every forwarded batch."""
     plan = job.plan
     token = dask.base.tokenize(job)
     job_key = delayed(job, pure=True, name=f"job-{token}")
-    predicted = {}
-    with dask.annotate(resources=resources) if resources else contextlib.nullcontext():
-        for index in plan.indices():
-            name = f"predict-{token}-" + "-".join(map(str, index))
-            predicted[index] = delayed(predict_block, pure=True, nout=len(OFFSETS) + 1)(job_key, index, dask_key_name=name)
-    finals = []
-    for index in plan.indices():
-        pieces = [predicted[source][OFFSETS.index(offset)] for source, offset in plan.incoming(index)]
-        name = f"finalise-{token}-" + "-".join(map(str, index))
-        finals.append(delayed(finalise_block, pure=True)(job_key, index, predicted[index][len(OFFSETS)], *pieces, dask_key_name=name))
-    futures = client.compute(finals, optimize_graph=False)
+    outputs: dict[Any, Any] = {}
     results = []
+    for order, index in enumerate(plan.indices()):
+        # picking a spill piece out of a neighbour's output is trivial: do it first, so the
+        # neighbour's output (thin pieces only) is released as soon as possible
+        with dask.annotate(priority=1):
+            spills = [outputs[source][SPILL_OFFSETS.index(offset)] for source, offset in plan.spills_into(index)]
+        # raster order: a block's lower neighbours (its inputs) always come before it
+        with dask.annotate(priority=-order, **({"resources": resources} if resources else {})):
+            name = f"block-{token}-" + "-".join(map(str, index))
+            outputs[index] = delayed(process_block, pure=True, nout=len(SPILL_OFFSETS) + 1)(job_key, index, *spills, dask_key_name=name)
+        with dask.annotate(priority=1):
+            results.append(outputs[index][len(SPILL_OFFSETS)])
+
+    def heard(event: tuple[float, Any]) -> None:
+        run, tiles = event[1]
+        if run == job.labels_path and on_tiles:
+            on_tiles(tiles)
+
+    client.subscribe_topic(PROGRESS_TOPIC, heard)
+    futures = client.compute(results, optimize_graph=False)
+    done = []
     try:
         for future in as_completed(futures):
-            result = future.result()
+            done.append(future.result())
             future.release()
-            results.append(result)
-            if on_done:
-                on_done(result)
     except BaseException:
         client.cancel(futures)
         raise
-    return results
+    finally:
+        client.unsubscribe_topic(PROGRESS_TOPIC)
+    return done
 
 
 def map_tasks(client: Client, func: Callable[..., Any], argument_lists: Sequence[Iterable[Any]],

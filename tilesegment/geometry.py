@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-__all__ = ["Shape", "Box", "as_shape", "ceil_div"]
+__all__ = ["Shape", "Box", "as_shape", "shape_option", "ceil_div"]
 
 Shape = tuple[int, int, int]
 
@@ -29,6 +29,20 @@ def as_shape(value: int | Sequence[int], name: str = "shape") -> Shape:
     if len(values) != 3:
         raise ValueError(f"{name} needs 1 or 3 values (z, y, x), got {len(values)}: {tuple(value)}")
     return values  # type: ignore[return-value]
+
+
+def shape_option(value: int | Sequence[int], option: str) -> Shape:
+    """``as_shape`` for a user-given option: positive sizes, or an OptionError naming the option."""
+    from .errors import OptionError
+
+    fix = "Give N or Z,Y,X positive integers, e.g. 64 or 32,64,64."
+    try:
+        shape = as_shape(value, option)
+    except (TypeError, ValueError) as exc:
+        raise OptionError(f"{option} {value!r} is not a size ({exc}).", fix) from None
+    if min(shape) < 1:
+        raise OptionError(f"{option} {value!r} is not a size.", fix)
+    return shape
 
 
 @dataclass(frozen=True, order=True)

@@ -7,12 +7,13 @@ the file). Every problem is an :class:`~tilesegment.errors.InputError` naming ca
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from dataclasses import dataclass
 
-import mrcfile
 import numpy as np
+from mrcfile.mrcinterpreter import MrcInterpreter
 from mrcfile.utils import data_dtype_from_header
 
 from .errors import InputError
@@ -41,6 +42,22 @@ def _fail(path: str, what: str, fix: str) -> InputError:
     return InputError(f"{path}: {what}", fix)
 
 
+class _HeaderReader(MrcInterpreter):
+    """mrcfile's own permissive header parsing (byte order, machine stamp), fed only the 1024 header bytes.
+
+    ``mrcfile.open(header_only=True)`` still reads the extended header, allocating ``nsymbt`` bytes
+    first: a corrupt header (nsymbt up to 2^31) cost gigabytes and seconds before the size check.
+    Here a read never returns more than the stream holds; the extended header is checked below.
+    """
+
+    def _read_bytearray_from_stream(self, number_of_bytes):
+        data = self._iostream.read(max(0, int(number_of_bytes)))
+        return bytearray(data), len(data)
+
+    def flush(self):  # read only: never write the header back
+        pass
+
+
 def inspect_mrc(path: str | os.PathLike) -> MrcInfo:
     """Read and check an MRC header; raise :class:`InputError` on anything tileseg cannot read."""
     path = os.fspath(path)
@@ -53,14 +70,17 @@ def inspect_mrc(path: str | os.PathLike) -> MrcInfo:
         raise _fail(path, f"is {file_size} bytes, too short to hold an MRC header (1024 bytes).",
                     "Check that the file is a complete MRC file.")
     try:
-        with warnings.catch_warnings():
+        with open(path, "rb") as stream:
+            raw = stream.read(HEADER_BYTES)
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
-            with mrcfile.open(path, mode="r", header_only=True, permissive=True) as mrc:
-                header = mrc.header.copy()
-                voxel = mrc.voxel_size
-    except Exception as exc:  # mrcfile raises ValueError/OSError with its own message
+            reader = _HeaderReader(io.BytesIO(raw), permissive=True, header_only=True)
+            header = reader.header.copy()
+            voxel = reader.voxel_size
+    except Exception as exc:  # an unreadable file (permissions, I/O error) or something mrcfile cannot parse
         raise _fail(path, f"is not a readable MRC file ({exc}).", "Give an MRC/CCP4 file, e.g. an IMOD or AreTomo tomogram.") from None
-    if header.map.item() != b"MAP ":
+    # Like mrcfile, accept 'MAP' followed by anything: some writers put 'MAP\0' instead of 'MAP '.
+    if bytes(header.map.item())[:3] != b"MAP":
         raise _fail(path, "is not an MRC file (no 'MAP ' signature in its header).",
                     "Give an MRC/CCP4 file; other formats can be converted with IMOD's tif2mrc or similar.")
     mode = int(header.mode)
@@ -81,6 +101,9 @@ def inspect_mrc(path: str | os.PathLike) -> MrcInfo:
     ext_bytes = int(header.nsymbt)
     if ext_bytes < 0:
         raise _fail(path, f"header gives a negative extended-header size ({ext_bytes}).", "The file is corrupt; re-export it.")
+    if ext_bytes > file_size - HEADER_BYTES:
+        raise _fail(path, f"is truncated or corrupt: its header gives a {ext_bytes}-byte extended header but the file has only "
+                          f"{file_size - HEADER_BYTES} bytes after the 1024-byte header.", "Copy or export the file again completely.")
     offset = HEADER_BYTES + ext_bytes
     expected = offset + nx * ny * nz * dtype.itemsize
     if file_size < expected:
@@ -92,11 +115,39 @@ def inspect_mrc(path: str | os.PathLike) -> MrcInfo:
     return MrcInfo(path, (nz, ny, nx), dtype.str, mode, offset, voxel_size, origin)  # type: ignore[arg-type]
 
 
+def _read_into(fd: int, buffer: np.ndarray, offset: int, path: str) -> None:
+    view = memoryview(buffer).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise InputError(f"{path}: the file ended early while reading (it changed or was truncated after it was opened).",
+                             "Check the file is complete and not being written to, then run again.")
+        done += n
+
+
 def read_mrc_region(info: MrcInfo, box: Box) -> np.ndarray:
-    """Read ``box`` (inside the volume) in the file's own dtype, as native-endian numpy."""
-    data = np.memmap(info.path, dtype=np.dtype(info.dtype), mode="r", offset=info.data_offset, shape=info.shape)
-    try:
-        region = np.array(data[box.slices()])
-    finally:
-        del data
-    return region.astype(region.dtype.newbyteorder("="), copy=False)
+    """Read ``box`` (inside the volume) in the file's own dtype, as native-endian numpy.
+
+    Plain positioned reads rather than a memory map: a map's resident pages (and the kernel's
+    fault-around) count towards a worker's memory and grow with the tomogram's width. Wide boxes
+    read one run of whole rows per plane; narrow ones read each row's span, so nothing outside the
+    box is read.
+    """
+    dtype = np.dtype(info.dtype)
+    _, ny, nx = info.shape
+    (z0, y0, x0), (z1, y1, x1) = box.start, box.stop
+    out = np.empty(box.shape, dtype)
+    item = dtype.itemsize
+    with open(info.path, "rb", buffering=0) as f:
+        fd = f.fileno()
+        if 2 * (x1 - x0) >= nx:
+            rows = np.empty((y1 - y0, nx), dtype)
+            for i, z in enumerate(range(z0, z1)):
+                _read_into(fd, rows, info.data_offset + (z * ny + y0) * nx * item, info.path)
+                out[i] = rows[:, x0:x1]
+        else:
+            for i, z in enumerate(range(z0, z1)):
+                for j, y in enumerate(range(y0, y1)):
+                    _read_into(fd, out[i, j], info.data_offset + ((z * ny + y) * nx + x0) * item, info.path)
+    return out.astype(dtype.newbyteorder("="), copy=False)

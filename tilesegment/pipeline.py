@@ -18,15 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from . import __version__
-from .blocks import BlockJob, BlockResult
+from .blocks import BlockJob
 from .blending import BLEND_MODES
 from .errors import InputError, OptionError, OutputError
-from .geometry import Shape, as_shape
+from .geometry import Shape, shape_option
 from .ome import image_label, multiscales, ome_attrs
 from .plan import BlockPlan
 from .pyramid import auto_levels, build_level_region, level_regions, level_shapes
 from .volume import VolumeSource, intensity_statistics, open_volume
-from .zarr_io import ArraySpec, create_array, create_group, update_attrs, write_unit
+from .zarr_io import ArraySpec, create_array, create_group, output_spec, update_attrs, write_unit
 
 __all__ = ["segment", "RunReport", "PROBABILITY_DTYPES", "VOXEL_SIZE_TOLERANCE"]
 
@@ -111,10 +111,14 @@ def segment(
     ignore_voxel_size: bool = False,
     threads: int | None = None,
     client: Any = None,
-    progress: Callable[[BlockResult], None] | None = None,
+    progress: Callable[[int], None] | None = None,
     on_start: Callable[[BlockPlan, str | None], None] | None = None,
 ) -> RunReport:
-    """Segment the tomogram at ``input_path`` into the OME-Zarr label image ``output``."""
+    """Segment the tomogram at ``input_path`` into the OME-Zarr label image ``output``.
+
+    ``progress(n)`` is called as tiles are forwarded; ``on_start(plan, dashboard_link)`` once the
+    cluster is up. Raises :class:`~tilesegment.errors.TilesegError` subclasses for bad input.
+    """
     from .executor import (connect, dashboard_link, default_torch_threads, embedded_worker_count, install_model,
                            map_tasks, predict_resources, run_blocks)
     from .model import load_checkpoint, read_checkpoint
@@ -126,22 +130,9 @@ def segment(
         raise OptionError(f"--blend {blend!r} is not a blending mode.", f"Use one of: {', '.join(BLEND_MODES)}.")
     if batch < 1:
         raise OptionError(f"--batch {batch} must be at least 1.", "Use --batch 1 or more (4-16 on a GPU).")
-    if ngff not in ("0.4", "0.5"):
-        raise OptionError(f"--ngff {ngff} is not supported.", "Use 0.4 (Zarr v2) or 0.5 (Zarr v3).")
-    if probability_dtype not in PROBABILITY_DTYPES:
-        raise OptionError(f"--probability-dtype {probability_dtype} is not supported.", f"Use one of: {', '.join(PROBABILITY_DTYPES)}.")
-    try:
-        tile_shape, chunk_shape = as_shape(tile, "--tile"), as_shape(chunk, "--chunk")
-        shard_shape = as_shape(shard, "--shard") if shard is not None else None
-        block_shape = as_shape(block, "--block") if block is not None else None
-    except (ValueError, TypeError) as exc:
-        raise OptionError(str(exc) + ".", "Give one number, or three separated by commas (z,y,x).") from None
-    if min(tile_shape) < 1 or min(chunk_shape) < 1:
-        raise OptionError(f"--tile {tile_shape} and --chunk {chunk_shape} must be positive.", "Use sizes of at least 1 voxel.")
-    if shard_shape is not None and ngff == "0.4":
-        raise OptionError("--shard needs Zarr v3.", "Add --ngff 0.5, or leave out --shard.")
-    if shard_shape is not None and any(s % c for s, c in zip(shard_shape, chunk_shape)):
-        raise OptionError(f"--shard {shard_shape} is not a multiple of --chunk {chunk_shape}.", "Make each shard a whole number of chunks.")
+    spec = output_spec(ngff, chunk, shard)
+    tile_shape = shape_option(tile, "--tile")
+    block_shape = shape_option(block, "--block") if block is not None else None
     if scheduler is None and client is None:
         resolve_device(device)  # an embedded cluster's GPU is this machine's
     _check_paths(input_path, output, overwrite)
@@ -153,7 +144,6 @@ def segment(
     _check_voxel_size(source, config.voxel_size, ignore_voxel_size)
     normalization = intensity_statistics(source) if config.normalization == "zscore" else None
 
-    spec = ArraySpec(chunk_shape, shard_shape if ngff == "0.5" else None)
     plan = BlockPlan.create(source.shape, tile_shape, overlap, write_unit(spec), block_shape)
     n_levels = levels or auto_levels(source.shape)
     shapes = level_shapes(source.shape, n_levels)
@@ -173,7 +163,7 @@ def segment(
         # the output exists only once input, model and cluster are known to be usable
         job, info = _create_output(output, overwrite, ngff, spec, shapes, voxel, config, plan, source, key, batch, blend,
                                    normalization, probabilities, probability_dtype, settings)
-        results = run_blocks(active, job, predict_resources(active, device, embedded), on_done=progress)
+        results = run_blocks(active, job, predict_resources(active, device, embedded), on_tiles=progress)
         for level in range(1, n_levels):
             for prefix, method in ((f"{output}/", "nearest"), *(((f"{output}/probabilities/", "mean"),) if probabilities else ())):
                 src, dst = f"{prefix}{level - 1}", f"{prefix}{level}"

@@ -10,12 +10,15 @@ Stitching strategy (see ``shared/DESIGN.md``): **one-directional spill, finalise
 * Because tiles only reach *forwards* from their origin, and a block is at least one tile long, the
   weighted sums of a block's tiles land in its own region plus a thin shell on its high side: a face,
   edge or corner piece of each of its 7 upper neighbours (``offset`` in ``{0,1}³``).
-* A block's region is therefore final once its own core piece and the spill pieces of its (up to 7)
-  lower neighbours are added. The finalise task normalises and writes every chunk of the region
-  once; only thin spill pieces, never whole blocks, wait in memory for a neighbour.
+* One task per block forwards its tiles, adds the spill pieces of its (up to 7) lower neighbours,
+  normalises and writes every chunk of its region once, and hands its own spill pieces on. Blocks
+  form a wavefront (a block runs once its lower neighbours have); tasks run in raster order, so only
+  thin spill pieces, never whole blocks, wait in memory for a neighbour. (A split into a predict and
+  a finalise task per block was measured and dropped: a block's whole accumulator then waited for
+  its finaliser whenever worker threads were busy.)
 
 Each tile is forwarded once, each chunk written once by one task, and memory per task is bounded by
-the block size whatever the volume's size.
+the block size; what waits between tasks is spill faces, about one plane of blocks' worth.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ from typing import Iterator
 from .errors import OptionError
 from .geometry import Box, Shape, as_shape, ceil_div
 
-__all__ = ["TileGrid", "BlockPlan", "OFFSETS", "tile_origins", "stride_for"]
+__all__ = ["TileGrid", "BlockPlan", "OFFSETS", "SPILL_OFFSETS", "tile_origins", "stride_for"]
 
 #: The 8 piece offsets of a block: (0,0,0) is its own region, the others spill into neighbours.
 OFFSETS: tuple[Shape, ...] = tuple(itertools.product((0, 1), repeat=3))  # type: ignore[assignment]
+SPILL_OFFSETS: tuple[Shape, ...] = OFFSETS[1:]
 
 
 def stride_for(tile: Shape, overlap: float) -> Shape:
@@ -215,3 +219,7 @@ class BlockPlan:
             if offset in self.pieces(source):  # type: ignore[arg-type]
                 result.append((source, offset))
         return result  # type: ignore[return-value]
+
+    def spills_into(self, index: Shape) -> list[tuple[Shape, Shape]]:
+        """``(source block, offset)`` of the lower neighbours' pieces that land in this block."""
+        return [(source, offset) for source, offset in self.incoming(index) if offset != OFFSETS[0]]

@@ -11,15 +11,15 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numcodecs
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from .errors import InputError, OutputError
-from .geometry import Box, Shape
+from .errors import InputError, OptionError, OutputError
+from .geometry import Box, Shape, ceil_div, shape_option
 from .ome import read_ome_attrs, zarr_format_for
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "describe_zarr_input",
     "update_attrs",
     "write_unit",
+    "output_spec",
 ]
 
 COMPRESSION_LEVEL = 5
@@ -44,6 +45,18 @@ class ArraySpec:
 
     chunk: Shape
     shard: Shape | None = None
+
+
+def output_spec(ngff: str, chunk: int | Sequence[int], shard: int | Sequence[int] | None) -> ArraySpec:
+    """Check the user's layout options (NGFF version, chunk, shard) and return the array spec."""
+    if ngff not in ("0.4", "0.5"):
+        raise OptionError(f"--ngff {ngff} is not supported.", "Use 0.4 (Zarr v2) or 0.5 (Zarr v3).")
+    if shard is not None and ngff == "0.4":
+        raise OptionError("--shard needs Zarr v3.", "Add --ngff 0.5, or leave out --shard.")
+    spec = ArraySpec(shape_option(chunk, "--chunk"), shape_option(shard, "--shard") if shard is not None else None)
+    if spec.shard is not None and any(s % c for s, c in zip(spec.shard, spec.chunk)):
+        raise OptionError(f"--shard {spec.shard} is not a multiple of --chunk {spec.chunk}.", "Make each shard a whole number of chunks.")
+    return spec
 
 
 def write_unit(spec: ArraySpec) -> Shape:
@@ -78,8 +91,8 @@ def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: An
     chunks: tuple[int, ...] = tuple(min(c, n) for c, n in zip(spec.chunk, shape[-3:]))
     shards = None
     if spec.shard is not None and zarr_format == 3:
-        shards = tuple(min(s, n) for s, n in zip(spec.shard, shape[-3:]))
-        chunks = tuple(min(c, s) for c, s in zip(chunks, shards))
+        # a shard must stay a whole number of chunks: trim it to the chunks the axis needs, not to the axis
+        shards = tuple(min(s, ceil_div(n, c) * c) for s, c, n in zip(spec.shard, chunks, shape[-3:]))
     dims = ("z", "y", "x")
     if channels is not None:
         shape = (channels, *shape)

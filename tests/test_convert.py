@@ -1,0 +1,498 @@
+"""convert(): an exact, streamed MRC -> OME-Zarr copy with a 2x mean pyramid, for NGFF 0.4 (Zarr v2) and 0.5 (Zarr v3)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import warnings
+from unittest import mock
+
+import mrcfile
+import numpy as np
+import pytest
+import zarr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tilesegment.convert as convert_module
+from tilesegment.convert import ConvertReport, convert, copy_regions
+from tilesegment.errors import InputError, OptionError, OutputError
+from tilesegment.geometry import Box, ceil_div
+
+from .conftest import random_volume, write_mrc
+
+MODE_DTYPES = {0: np.int8, 1: np.int16, 2: np.float32, 6: np.uint16, 12: np.float16}
+ODD = (37, 41, 29)
+
+
+def sample(shape, dtype, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, size=shape, endpoint=True, dtype=dtype.newbyteorder("=")).astype(dtype)
+    data = rng.normal(scale=100, size=shape).astype(dtype)
+    data.flat[:3] = [np.nan, -0.0, np.inf]  # must survive bit for bit
+    data.flat[-1] = -np.inf  # (not in the same 2x2x2 group as +inf)
+    return data
+
+
+def mrc_file(path, data, voxel=(1.5, 2.5, 3.5), ext=None, origin=(0.0, 0.0, 0.0)) -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NaN/inf in the data
+        with mrcfile.new(str(path), overwrite=True) as mrc:
+            mrc.set_data(data)
+            mrc.voxel_size = voxel
+            mrc.header.origin = origin
+            if ext is not None:
+                mrc.set_extended_header(ext)
+    return str(path)
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).view(f"u{a.dtype.itemsize}")
+
+
+def group_of(path):
+    return zarr.open_group(str(path), mode="r")
+
+
+def level(path, i: int) -> np.ndarray:
+    return np.asarray(zarr.open_array(f"{path}/{i}", mode="r")[:])
+
+
+def ome(path, ngff: str) -> dict:
+    attrs = dict(group_of(path).attrs)
+    if ngff == "0.4":
+        assert "ome" not in attrs
+        assert attrs["multiscales"][0]["version"] == "0.4"
+        return attrs
+    assert "multiscales" not in attrs
+    assert attrs["ome"]["version"] == "0.5"
+    assert "version" not in attrs["ome"]["multiscales"][0]
+    return attrs["ome"]
+
+
+def mean2(a: np.ndarray) -> np.ndarray:
+    """Independent 2x2x2 mean of an even-shaped volume: the average of its 8 strided sub-volumes."""
+    total = sum(a[i::2, j::2, k::2].astype(np.float64) for i, j, k in itertools.product((0, 1), repeat=3))
+    return total / 8
+
+
+# --- exact round trip and metadata --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ngff", ["0.4", "0.5"])
+@pytest.mark.parametrize("mode", sorted(MODE_DTYPES))
+def test_round_trip_is_exact(tmp_path, mode, ngff):
+    dtype = MODE_DTYPES[mode]
+    data = sample(ODD, dtype, seed=mode)
+    src = mrc_file(tmp_path / "in.mrc", data, voxel=(1.5, 2.5, 3.5))
+    out = tmp_path / "out.zarr"
+    report = convert(src, out, ngff=ngff, chunk=16, levels=3)
+
+    stored = level(out, 0)
+    assert stored.dtype == np.dtype(dtype)
+    assert stored.shape == ODD
+    assert np.array_equal(bits(stored), bits(data))
+
+    group = group_of(out)
+    assert group.metadata.zarr_format == (2 if ngff == "0.4" else 3)
+    array = group["0"]
+    assert array.metadata.zarr_format == group.metadata.zarr_format
+    assert array.chunks == (16, 16, 16)
+
+    ms = ome(out, ngff)["multiscales"]
+    assert len(ms) == 1
+    assert [a["name"] for a in ms[0]["axes"]] == ["z", "y", "x"]
+    assert all(a["type"] == "space" and a["unit"] == "angstrom" for a in ms[0]["axes"])
+    assert [d["path"] for d in ms[0]["datasets"]] == ["0", "1", "2"]
+    for i, dataset in enumerate(ms[0]["datasets"]):
+        (transform,) = dataset["coordinateTransformations"]
+        assert transform["type"] == "scale"
+        assert transform["scale"] == pytest.approx([3.5 * 2**i, 2.5 * 2**i, 1.5 * 2**i])  # (z, y, x)
+    meta = dict(group.attrs)["tilesegment"]
+    assert meta["status"] == "complete"
+    assert meta["mrc_mode"] == mode
+    assert meta["voxel_size_recorded"] is True
+    assert meta["source"] == "in.mrc"
+
+    assert isinstance(report, ConvertReport)
+    assert report.shape == ODD and report.levels == 3 and report.dtype == np.dtype(dtype).name
+    assert report.voxel_size == pytest.approx((3.5, 2.5, 1.5))
+    assert report.bytes_read == data.nbytes
+    assert report.output == str(out)
+
+
+@pytest.mark.parametrize("shape", [ODD, (5, 9, 7), (64, 20, 33)])
+def test_sharded_ngff_05(tmp_path, shape):
+    data = sample(shape, np.float32, seed=3)
+    src = mrc_file(tmp_path / "in.mrc", data)
+    out = tmp_path / "out.zarr"
+    convert(src, out, ngff="0.5", chunk=16, shard=32, levels=3)
+    assert np.array_equal(bits(level(out, 0)), bits(data))
+    group = group_of(out)
+    assert group.metadata.zarr_format == 3
+    for i in range(3):
+        array = group[str(i)]
+        shards, chunks = array.shards, array.chunks
+        assert shards is not None
+        assert all(s % c == 0 for s, c in zip(shards, chunks)), (shards, chunks)
+        for n, s, c in zip(array.shape, shards, chunks):
+            assert s <= 32 and c <= 16
+            if n >= 32:
+                assert s == 32 and c == 16
+        assert array.metadata.dimension_names == ("z", "y", "x")
+    assert group["0"].shape == shape
+    if shape == ODD:
+        assert group["0"].shards[:2] == (32, 32)
+    assert dict(group.attrs)["tilesegment"]["status"] == "complete"
+
+
+def test_anisotropic_chunks_and_shards(tmp_path):
+    data = sample((50, 70, 40), np.int16, seed=4)
+    src = mrc_file(tmp_path / "in.mrc", data)
+    out = tmp_path / "out.zarr"
+    convert(src, out, ngff="0.5", chunk=(8, 16, 8), shard=(16, 64, 32), levels=2)
+    array = group_of(out)["0"]
+    assert array.chunks == (8, 16, 8) and array.shards == (16, 64, 32)
+    np.testing.assert_array_equal(level(out, 0), data)
+    np.testing.assert_array_equal(level(out, 1), np.rint(mean2(data[:, :, :])).astype(np.int16))
+
+
+def test_ngff_05_without_shard(tmp_path):
+    data = sample(ODD, np.int16)
+    out = tmp_path / "out.zarr"
+    convert(mrc_file(tmp_path / "in.mrc", data), out, ngff="0.5", chunk=16, levels=1)
+    array = group_of(out)["0"]
+    assert array.shards is None and array.chunks == (16, 16, 16)
+    np.testing.assert_array_equal(level(out, 0), data)
+
+
+def test_ngff_04_is_readable_as_plain_zarr_v2(tmp_path):
+    data = sample(ODD, np.float32)
+    out = tmp_path / "out.zarr"
+    convert(mrc_file(tmp_path / "in.mrc", data), out, chunk=16, levels=2)
+    assert (out / ".zgroup").exists() and (out / ".zattrs").exists() and (out / "0" / ".zarray").exists()
+    assert not (out / "zarr.json").exists()
+    assert json.loads((out / "0" / ".zarray").read_text())["dimension_separator"] == "/"
+
+
+def test_voxel_size_missing_is_recorded_as_1(tmp_path):
+    data = sample((20, 20, 20), np.float32)
+    out = tmp_path / "out.zarr"
+    report = convert(mrc_file(tmp_path / "in.mrc", data, voxel=0.0), out, chunk=16, levels=2)
+    assert report.voxel_size is None
+    datasets = ome(out, "0.4")["multiscales"][0]["datasets"]
+    assert [d["coordinateTransformations"][0]["scale"] for d in datasets] == [[1.0] * 3, [2.0] * 3]
+    assert dict(group_of(out).attrs)["tilesegment"]["voxel_size_recorded"] is False
+
+
+def test_origin_is_recorded(tmp_path):
+    out = tmp_path / "out.zarr"
+    convert(mrc_file(tmp_path / "in.mrc", sample((4, 5, 6), np.float32), origin=(1.0, 2.0, 3.0)), out, levels=1)
+    assert dict(group_of(out).attrs)["tilesegment"]["origin_angstrom"] == [3.0, 2.0, 1.0]
+
+
+@pytest.mark.parametrize("ngff", ["0.4", "0.5"])
+def test_metadata_is_strict_json_even_with_a_nan_origin(tmp_path, ngff):
+    src = mrc_file(tmp_path / "in.mrc", sample((4, 5, 6), np.float32), origin=(np.nan, 0.0, np.inf))
+    out = tmp_path / "out.zarr"
+    convert(src, out, ngff=ngff, levels=1)
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    files = [out / ".zattrs"] if ngff == "0.4" else [out / "zarr.json"]
+    for file in files:
+        json.loads(file.read_text(), parse_constant=refuse)
+    assert dict(group_of(out).attrs)["tilesegment"]["origin_angstrom"] is None
+
+
+# --- unusual files ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ngff", ["0.4", "0.5"])
+def test_extended_header(tmp_path, ngff):
+    data = sample(ODD, np.int16, seed=5)
+    ext = np.frombuffer(np.random.default_rng(6).bytes(1234), dtype="V1")  # not a multiple of the itemsize
+    src = mrc_file(tmp_path / "in.mrc", data, ext=ext)
+    with mrcfile.open(src) as mrc:
+        assert int(mrc.header.nsymbt) == 1234
+    out = tmp_path / "out.zarr"
+    convert(src, out, ngff=ngff, chunk=16, levels=2)
+    np.testing.assert_array_equal(level(out, 0), data)
+
+
+@pytest.mark.parametrize("dtype", [">i2", ">f4", ">u2", ">f2", ">i1"])
+def test_big_endian(tmp_path, dtype):
+    data = sample(ODD, dtype, seed=7)
+    src = mrc_file(tmp_path / "be.mrc", data)
+    if np.dtype(dtype).itemsize > 1:
+        with open(src, "rb") as f:
+            f.seek(212)
+            assert f.read(2) == b"\x11\x11"
+    out = tmp_path / "out.zarr"
+    report = convert(src, out, chunk=16, levels=2)
+    stored = level(out, 0)
+    assert stored.dtype.isnative and stored.dtype == np.dtype(dtype).newbyteorder("=")
+    assert np.array_equal(bits(stored), bits(data.astype(stored.dtype)))
+    assert report.dtype == stored.dtype.name
+
+
+def test_volume_smaller_than_a_chunk(tmp_path):
+    data = sample((2, 3, 5), np.float32)
+    out = tmp_path / "out.zarr"
+    convert(mrc_file(tmp_path / "in.mrc", data), out, chunk=64, levels=3)
+    assert np.array_equal(bits(level(out, 0)), bits(data))
+    assert [group_of(out)[str(i)].shape for i in range(3)] == [(2, 3, 5), (1, 2, 3), (1, 1, 2)]
+
+
+def test_default_levels_are_automatic(tmp_path):
+    out = tmp_path / "out.zarr"
+    report = convert(mrc_file(tmp_path / "in.mrc", sample((64, 40, 70), np.int8)), out, chunk=16)
+    assert report.levels == 2  # 40 -> 20 -> 10 (< 16)
+    assert sorted(group_of(out).array_keys()) == ["0", "1"]
+
+
+# --- pyramid ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ngff", ["0.4", "0.5"])
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.uint16, np.float32, np.float16])
+def test_pyramid_is_a_2x_mean_for_even_shapes(tmp_path, dtype, ngff):
+    shape = (32, 48, 40)
+    data = sample(shape, dtype, seed=8)
+    if np.dtype(dtype).kind == "f":
+        data.flat[:3] = data.flat[-1] = 1.0  # keep NaN/inf out of the means
+    out = tmp_path / "out.zarr"
+    convert(mrc_file(tmp_path / "in.mrc", data), out, ngff=ngff, chunk=8, shard=16 if ngff == "0.5" else None, levels=4)
+    previous = level(out, 0)
+    for i in range(1, 4):
+        current = level(out, i)
+        assert current.shape == tuple(n // 2**i for n in shape)
+        assert current.dtype == np.dtype(dtype)
+        expected = mean2(previous)
+        if np.dtype(dtype).kind in "iu":
+            np.testing.assert_array_equal(current, np.rint(expected).astype(dtype))
+        else:
+            np.testing.assert_allclose(current.astype(np.float64), expected.astype(dtype).astype(np.float64), rtol=1e-6, atol=0)
+        previous = current
+    assert dict(group_of(out).attrs)["tilesegment"]["status"] == "complete"
+
+
+def test_pyramid_of_odd_shapes(tmp_path):
+    data = sample(ODD, np.float32, seed=9)
+    data.flat[:3] = data.flat[-1] = 0.0
+    out = tmp_path / "out.zarr"
+    convert(mrc_file(tmp_path / "in.mrc", data), out, chunk=16, levels=5)
+    shapes = [group_of(out)[str(i)].shape for i in range(5)]
+    assert shapes == [ODD, (19, 21, 15), (10, 11, 8), (5, 6, 4), (3, 3, 2)]
+    for i in range(1, 5):
+        below, current = level(out, i - 1), level(out, i)
+        assert current.shape == tuple(ceil_div(n, 2) for n in below.shape)
+        # the inner, complete 2x2x2 groups are plain means
+        inner = tuple(n // 2 for n in below.shape)
+        expected = mean2(below[: 2 * inner[0], : 2 * inner[1], : 2 * inner[2]])
+        np.testing.assert_allclose(current[: inner[0], : inner[1], : inner[2]], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_pyramid_partial_groups_at_odd_edges_average_the_voxels_that_exist(tmp_path):
+    data = sample((5, 7, 3), np.float32, seed=10)
+    data.flat[:3] = data.flat[-1] = 0.0
+    out = tmp_path / "out.zarr"
+    convert(mrc_file(tmp_path / "in.mrc", data), out, levels=2)
+    current = level(out, 1)
+    assert current.shape == (3, 4, 2)
+    for z, y, x in itertools.product(*(range(n) for n in current.shape)):
+        group = data[2 * z:2 * z + 2, 2 * y:2 * y + 2, 2 * x:2 * x + 2].astype(np.float64)
+        assert current[z, y, x] == pytest.approx(group.mean(), rel=1e-5, abs=1e-5), (z, y, x)
+
+
+def test_integer_pyramid_rounds_to_nearest(tmp_path):
+    data = np.zeros((4, 4, 4), np.int16)
+    data[0, 0, 0] = 3  # mean 3/8 -> 0
+    data[0, 0, 2], data[0, 1, 2] = 3, 2  # mean 5/8 -> 1
+    data[2, 2, 2:4] = -7  # mean -14/8 = -1.75 -> -2
+    data[2, 0, 0] = 32767
+    data[2, 0, 1] = 32767
+    data[2, 1, 0] = 32767
+    data[2, 1, 1] = 32767
+    data[3, 0:2, 0:2] = 32767  # mean 32767, no overflow on the way
+    out = tmp_path / "out.zarr"
+    convert(mrc_file(tmp_path / "in.mrc", data), out, levels=2)
+    np.testing.assert_array_equal(level(out, 1), [[[0, 1], [0, 0]], [[32767, 0], [0, -2]]])
+
+
+# --- regions ------------------------------------------------------------------------------------
+
+small = st.integers(1, 40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(shape=st.tuples(small, small, small), unit=st.tuples(st.integers(1, 12), st.integers(1, 12), st.integers(1, 12)),
+       itemsize=st.sampled_from([1, 2, 4, 8]), region_bytes=st.integers(1, 20_000))
+def test_copy_regions_tile_the_volume_once(shape, unit, itemsize, region_bytes):
+    with mock.patch.object(convert_module, "REGION_BYTES", region_bytes):
+        boxes = copy_regions(shape, unit, itemsize)
+    cover = np.zeros(shape, np.int32)
+    for box in boxes:
+        assert not box.empty
+        assert Box.from_shape(shape).contains(box)
+        cover[box.slices()] += 1
+        for a, b, u, n in zip(box.start, box.stop, unit, shape):
+            assert a % u == 0  # starts on a write unit
+            assert b % u == 0 or b == n  # and ends on one, or at the end of the volume
+        # at most REGION_BYTES, unless one write unit alone is bigger
+        assert box.size * itemsize <= max(region_bytes, int(np.prod(unit)) * itemsize)
+    assert (cover == 1).all()
+    # a slab of the volume one write unit deep
+    assert all(box.shape[0] <= unit[0] for box in boxes)
+
+
+def test_copy_regions_take_whole_rows_when_they_fit():
+    boxes = copy_regions((100, 300, 500), (64, 64, 64), 4)  # a 64-deep slab of 300x500 float32 is 38 MB
+    assert all(box.shape[1:] == (300, 500) for box in boxes)
+    assert [box.start[0] for box in boxes] == [0, 64]
+
+
+def test_copy_regions_tile_wide_slabs(monkeypatch):
+    monkeypatch.setattr(convert_module, "REGION_BYTES", 64 * 64 * 64 * 4 * 4)  # four float32 write units
+    boxes = copy_regions((64, 1000, 1000), (64, 64, 64), 4)
+    assert max(box.size * 4 for box in boxes) <= convert_module.REGION_BYTES
+    assert len(boxes) > 16
+    assert sum(box.size for box in boxes) == 64 * 1000 * 1000
+
+
+@pytest.mark.parametrize("ngff, shard", [("0.4", None), ("0.5", 16)])
+def test_convert_with_tiny_regions_is_still_exact(tmp_path, monkeypatch, ngff, shard):
+    monkeypatch.setattr(convert_module, "REGION_BYTES", 2000)
+    data = sample(ODD, np.float32, seed=11)
+    calls = []
+    out = tmp_path / "out.zarr"
+    convert(mrc_file(tmp_path / "in.mrc", data), out, ngff=ngff, chunk=8, shard=shard, levels=1, threads=3, progress=calls.append)
+    assert np.array_equal(bits(level(out, 0)), bits(data))
+    unit = (shard or 8,) * 3
+    assert len(calls) == len(copy_regions(ODD, unit, 4)) > 10
+
+
+# --- progress -----------------------------------------------------------------------------------
+
+
+def test_progress_counts_voxels(tmp_path):
+    data = sample(ODD, np.int16)
+    calls: list[int] = []
+    out = tmp_path / "out.zarr"
+    convert(mrc_file(tmp_path / "in.mrc", data), out, chunk=16, levels=3, progress=calls.append)
+    n0 = len(copy_regions(ODD, (16, 16, 16), 2))
+    assert all(isinstance(c, int) and c > 0 for c in calls)
+    assert sum(calls[:n0]) == data.size  # level 0 first, one call per region
+    shapes = [group_of(out)[str(i)].shape for i in range(3)]
+    assert sum(calls) == sum(int(np.prod(s)) for s in shapes)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(shape=st.tuples(st.integers(2, 24), st.integers(1, 24), st.integers(1, 24)), chunk=st.sampled_from([4, 8, (4, 8, 16)]),
+       shard_factor=st.sampled_from([None, 1, 2, 4]), levels=st.integers(1, 4))
+def test_any_shape_chunk_and_shard_converts_exactly(tmp_path_factory, shape, chunk, shard_factor, levels):
+    data = sample(shape, np.int16, seed=sum(shape))
+    base = tmp_path_factory.mktemp("any")
+    src = mrc_file(base / "in.mrc", data)
+    chunk3 = chunk if isinstance(chunk, tuple) else (chunk,) * 3
+    shard = None if shard_factor is None else tuple(c * shard_factor for c in chunk3)
+    calls: list[int] = []
+    convert(src, base / "out.zarr", ngff="0.5" if shard else "0.4", chunk=chunk, shard=shard, levels=levels, progress=calls.append)
+    np.testing.assert_array_equal(level(base / "out.zarr", 0), data)
+    expected_shapes = [tuple(ceil_div(n, 2**i) for n in shape) for i in range(levels)]
+    assert [group_of(base / "out.zarr")[str(i)].shape for i in range(levels)] == expected_shapes
+    assert sum(calls) == sum(int(np.prod(s)) for s in expected_shapes)
+
+
+# --- output and option errors -------------------------------------------------------------------
+
+
+def test_refuses_to_overwrite_without_overwrite(tmp_path):
+    src = mrc_file(tmp_path / "in.mrc", sample(ODD, np.float32))
+    out = tmp_path / "out.zarr"
+    convert(src, out, chunk=16, levels=1)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(OutputError) as info:
+        convert(src, out, chunk=16, levels=1)
+    assert str(out) in info.value.what and info.value.fix and "overwrite" in info.value.fix
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+@pytest.mark.parametrize("kind", ["file", "empty dir"])
+def test_refuses_to_replace_other_things(tmp_path, kind):
+    src = mrc_file(tmp_path / "in.mrc", sample((4, 5, 6), np.float32))
+    out = tmp_path / "out.zarr"
+    if kind == "file":
+        out.write_text("keep me")
+    else:
+        out.mkdir()
+    with pytest.raises(OutputError):
+        convert(src, out)
+    if kind == "file":
+        assert out.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("first, second", [("0.4", "0.4"), ("0.5", "0.4"), ("0.4", "0.5")])
+def test_overwrite_replaces_the_output(tmp_path, first, second):
+    old = sample((40, 40, 40), np.float32, seed=1)
+    new = sample(ODD, np.int16, seed=2)
+    out = tmp_path / "out.zarr"
+    convert(mrc_file(tmp_path / "old.mrc", old), out, ngff=first, chunk=16, levels=3)
+    convert(mrc_file(tmp_path / "new.mrc", new), out, ngff=second, chunk=16, levels=1, overwrite=True)
+    group = group_of(out)
+    assert group.metadata.zarr_format == (2 if second == "0.4" else 3)
+    assert sorted(group.array_keys()) == ["0"]  # no stale levels of the old pyramid
+    assert not (out / "1").exists() and not (out / "2").exists()
+    stale = "zarr.json" if second == "0.4" else ".zgroup"
+    assert not (out / stale).exists()
+    np.testing.assert_array_equal(level(out, 0), new)
+    assert dict(group.attrs)["tilesegment"]["source"] == "new.mrc"
+
+
+@pytest.mark.parametrize("options", [
+    dict(ngff="0.6"),
+    dict(ngff="0.4", shard=32),
+    dict(ngff="0.5", chunk=16, shard=24),
+    dict(chunk=0),
+    dict(chunk=(16, 16)),
+    dict(chunk=(16, -1, 16)),
+    dict(ngff="0.5", shard=0),
+    dict(levels=0),
+    dict(levels=-1),
+    dict(threads=0),
+])
+def test_bad_options(tmp_path, options):
+    src = mrc_file(tmp_path / "in.mrc", sample((4, 5, 6), np.float32))
+    out = tmp_path / "out.zarr"
+    with pytest.raises(OptionError) as info:
+        convert(src, out, **options)
+    assert info.value.what and info.value.fix and "\n" not in info.value.message
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("bad", ["missing", "2d", "truncated"])
+def test_bad_input_creates_no_output(tmp_path, bad):
+    src = tmp_path / "in.mrc"
+    if bad == "2d":
+        mrc_file(src, sample((1, 8, 8), np.float32))
+    elif bad == "truncated":
+        mrc_file(src, sample((4, 5, 6), np.float32))
+        os.truncate(src, os.path.getsize(src) - 1)
+    out = tmp_path / "out.zarr"
+    with pytest.raises(InputError) as info:
+        convert(src, out)
+    assert str(src) in info.value.what
+    assert not out.exists()
+
+
+def test_conftest_volume_round_trips(tmp_path):
+    volume = random_volume((20, 24, 28))
+    out = tmp_path / "out.zarr"
+    report = convert(write_mrc(tmp_path / "in.mrc", volume), out, chunk=16, levels=2)
+    assert report.voxel_size == (10.0, 10.0, 10.0)
+    np.testing.assert_array_equal(level(out, 0), volume)
