@@ -83,6 +83,23 @@ def test_pieces_land_in_one_neighbour_and_cover_every_tile(plan):
             assert extent.contains(tile.intersect(plan.volume_box))
 
 
+@settings(max_examples=100, deadline=None)
+@given(plans())
+def test_sweep_visits_every_block_once_after_its_lower_neighbours(plan):
+    order = plan.sweep()
+    assert sorted(order) == sorted(plan.indices())
+    position = {index: i for i, index in enumerate(order)}
+    for index in order:
+        for source, _ in plan.spills_into(index):
+            assert position[source] < position[index]
+
+
+def test_sweep_runs_along_the_longest_axis():
+    plan = BlockPlan.create((64, 640, 320), 16, 0.25, 16, block=64)  # counts (1, 10, 5)
+    order = plan.sweep()
+    assert [i[1] for i in order[:5]] == [0] * 5  # y (most blocks) outermost, x inside it
+
+
 def test_spill_is_the_overlap_when_blocks_align_with_the_stride():
     plan = BlockPlan.create((400, 400, 400), 64, 0.25, 64, block=192)
     pieces = plan.pieces((0, 0, 0))

@@ -136,12 +136,12 @@ def run_blocks(client: Client, job: BlockJob, resources: dict[str, float] | None
     job_key = delayed(job, pure=True, name=f"job-{token}")
     outputs: dict[Any, Any] = {}
     results = []
-    for order, index in enumerate(plan.indices()):
+    for order, index in enumerate(plan.sweep()):
         # picking a spill piece out of a neighbour's output is trivial: do it first, so the
         # neighbour's output (thin pieces only) is released as soon as possible
         with dask.annotate(priority=1):
             spills = [outputs[source][SPILL_OFFSETS.index(offset)] for source, offset in plan.spills_into(index)]
-        # raster order: a block's lower neighbours (its inputs) always come before it
+        # sweep order: a block's lower neighbours (its inputs) always come before it
         with dask.annotate(priority=-order, **({"resources": resources} if resources else {})):
             name = f"block-{token}-" + "-".join(map(str, index))
             outputs[index] = delayed(process_block, pure=True, nout=len(SPILL_OFFSETS) + 1)(job_key, index, *spills, dask_key_name=name)

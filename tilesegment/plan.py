@@ -145,6 +145,20 @@ class BlockPlan:
     def indices(self) -> Iterator[Shape]:
         return itertools.product(*(range(c) for c in self.counts))  # type: ignore[return-value]
 
+    def sweep(self) -> list[Shape]:
+        """Block indices in the order to process them: raster order with the axis of most blocks
+        outermost, so the spill faces waiting between planes span the two shorter axes (a thin
+        tomogram is swept along y or x, not z). Lower neighbours always come first."""
+        counts = self.counts
+        axes = sorted(range(3), key=lambda a: -counts[a])  # outermost first; stable for ties
+        order = []
+        for position in itertools.product(*(range(counts[a]) for a in axes)):
+            index = [0, 0, 0]
+            for a, i in zip(axes, position):
+                index[a] = i
+            order.append(tuple(index))
+        return order  # type: ignore[return-value]
+
     def region(self, index: Shape) -> Box:
         """The part of the volume whose chunks this block writes."""
         start = tuple(i * b for i, b in zip(index, self.block))
