@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import mrcfile
 import numpy as np
@@ -17,6 +18,33 @@ def write_mrc(path, data: np.ndarray, voxel: float = VOXEL, **kwargs) -> str:
     with mrcfile.new(str(path), overwrite=True, **kwargs) as mrc:
         mrc.set_data(data)
         mrc.voxel_size = voxel
+    return str(path)
+
+
+def sample(shape, dtype, seed: int = 0) -> np.ndarray:
+    """Values spanning ``dtype``; floats include NaN, -0.0 and ±inf, which must survive bit for bit."""
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, size=shape, endpoint=True, dtype=dtype.newbyteorder("=")).astype(dtype)
+    data = rng.normal(scale=100, size=shape).astype(dtype)
+    if data.size >= 4:
+        data.flat[:3] = [np.nan, -0.0, np.inf]
+        data.flat[-1] = -np.inf  # not in the same 2x2x2 group as +inf
+    return data
+
+
+def mrc_file(path, data: np.ndarray, voxel=(1.5, 2.5, 3.5), ext: np.ndarray | None = None, origin=(0.0, 0.0, 0.0)) -> str:
+    """Write ``data`` with an anisotropic voxel size (x, y, z) and optionally an extended header."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NaN/inf in the data
+        with mrcfile.new(str(path), overwrite=True) as mrc:
+            mrc.set_data(data)
+            mrc.voxel_size = voxel
+            mrc.header.origin = origin
+            if ext is not None:
+                mrc.set_extended_header(ext)
     return str(path)
 
 

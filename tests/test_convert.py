@@ -20,34 +20,10 @@ from tilesegment.convert import ConvertReport, convert, copy_regions
 from tilesegment.errors import InputError, OptionError, OutputError
 from tilesegment.geometry import Box, ceil_div
 
-from .conftest import random_volume, write_mrc
+from .conftest import mrc_file, random_volume, sample, write_mrc
 
 MODE_DTYPES = {0: np.int8, 1: np.int16, 2: np.float32, 6: np.uint16, 12: np.float16}
 ODD = (37, 41, 29)
-
-
-def sample(shape, dtype, seed=0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    dtype = np.dtype(dtype)
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        return rng.integers(info.min, info.max, size=shape, endpoint=True, dtype=dtype.newbyteorder("=")).astype(dtype)
-    data = rng.normal(scale=100, size=shape).astype(dtype)
-    data.flat[:3] = [np.nan, -0.0, np.inf]  # must survive bit for bit
-    data.flat[-1] = -np.inf  # (not in the same 2x2x2 group as +inf)
-    return data
-
-
-def mrc_file(path, data, voxel=(1.5, 2.5, 3.5), ext=None, origin=(0.0, 0.0, 0.0)) -> str:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # NaN/inf in the data
-        with mrcfile.new(str(path), overwrite=True) as mrc:
-            mrc.set_data(data)
-            mrc.voxel_size = voxel
-            mrc.header.origin = origin
-            if ext is not None:
-                mrc.set_extended_header(ext)
-    return str(path)
 
 
 def bits(a: np.ndarray) -> np.ndarray:

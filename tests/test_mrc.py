@@ -18,37 +18,12 @@ from tilesegment.errors import InputError
 from tilesegment.geometry import Box
 from tilesegment.mrc import HEADER_BYTES, SUPPORTED_MODES, MrcInfo, inspect_mrc, read_mrc_region
 
-from .conftest import write_mrc
+from .conftest import mrc_file, sample, write_mrc
 
 MODE_DTYPES = {0: np.int8, 1: np.int16, 2: np.float32, 6: np.uint16, 12: np.float16}
 
 # byte offsets of int32 header fields (MRC2014)
 NX, NY, NZ, MODE, MX, MY, MZ, MAPC, MAPR, MAPS, ISPG, NSYMBT = 0, 4, 8, 12, 28, 32, 36, 64, 68, 72, 88, 92
-
-
-def sample(shape, dtype, seed=0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    dtype = np.dtype(dtype)
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        return rng.integers(info.min, info.max, size=shape, endpoint=True, dtype=dtype.newbyteorder("=")).astype(dtype)
-    data = rng.normal(scale=100, size=shape).astype(dtype)
-    if data.size >= 4:
-        data.flat[:4] = [np.nan, -0.0, np.inf, -np.inf]  # must survive bit for bit
-    return data
-
-
-def mrc_file(path, data: np.ndarray, voxel=(1.5, 2.5, 3.5), ext: np.ndarray | None = None, origin=(0.0, 0.0, 0.0)) -> str:
-    """Write ``data`` with an anisotropic voxel size (x, y, z) and optionally an extended header."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with mrcfile.new(str(path), overwrite=True) as mrc:
-            mrc.set_data(data)
-            mrc.voxel_size = voxel
-            mrc.header.origin = origin
-            if ext is not None:
-                mrc.set_extended_header(ext)
-    return str(path)
 
 
 def patch(path, offset: int, value: int, fmt: str = "<i") -> None:
