@@ -4,59 +4,16 @@ unless ``--debug``)."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
-import traceback
 from typing import Any, Callable
 
 import click
 
 from tilesegment import __version__
-from tilesegment.errors import TilesegError
 
-EXIT_INTERNAL = 70
-
-
-def _shape(value: str | None) -> Any:
-    if value is None:
-        return None
-    try:
-        parts = [int(v) for v in value.replace("x", ",").split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a size; give N or Z,Y,X (e.g. 64 or 32,64,64).") from None
-    if len(parts) not in (1, 3) or min(parts) < 1:
-        raise click.BadParameter(f"{value!r} is not a size; give N or Z,Y,X of positive integers.")
-    return parts[0] if len(parts) == 1 else tuple(parts)
-
-
-def _show_progress(quiet: bool) -> bool:
-    return not quiet and sys.stderr.isatty() and not os.environ.get("CI")
-
-
-def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        debug = click.get_current_context().find_root().params.get("debug", False)
-        try:
-            return func(*args, **kwargs)
-        except TilesegError as exc:
-            if debug:
-                traceback.print_exc()
-            click.echo(f"tileseg: error: {exc.message}", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("tileseg: interrupted.", err=True)
-            sys.exit(130)
-        except Exception as exc:  # a bug: say so, in one line, and how to see more
-            if debug:
-                traceback.print_exc()
-            click.echo(f"tileseg: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback, and please report it).", err=True)
-            sys.exit(EXIT_INTERNAL)
-
-    return wrapper
-
+from .common import handle_errors, parse_shape, show_progress
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "TILESEG"})
 @click.version_option(__version__, prog_name="tileseg")
@@ -98,8 +55,8 @@ def convert(ctx: click.Context, input_path: str, output: str, ngff: str, chunk: 
     from tilesegment.convert import convert as run_convert
 
     quiet = ctx.obj["quiet"]
-    with tqdm(total=None, unit="vox", unit_scale=True, disable=not _show_progress(quiet), desc="convert") as bar:
-        report = run_convert(input_path, output, ngff=ngff, chunk=_shape(chunk), shard=_shape(shard), levels=levels,
+    with tqdm(total=None, unit="vox", unit_scale=True, disable=not show_progress(quiet), desc="convert") as bar:
+        report = run_convert(input_path, output, ngff=ngff, chunk=parse_shape(chunk), shard=parse_shape(shard), levels=levels,
                              overwrite=overwrite, progress=bar.update)
     if not quiet:
         voxel = "unknown voxel size (header has none; recorded as 1 Å)" if report.voxel_size is None else f"{report.voxel_size[-1]:.4g} Å/voxel"
@@ -136,7 +93,7 @@ def run_segmentation(quiet: bool, input_path: str, output: str, **options: Any) 
 
     from tilesegment.pipeline import segment
 
-    bar = tqdm(total=0, unit="tile", disable=not _show_progress(quiet), desc="segment", dynamic_ncols=True)
+    bar = tqdm(total=0, unit="tile", disable=not show_progress(quiet), desc="segment", dynamic_ncols=True)
 
     def on_start(plan: Any, link: str | None) -> None:
         bar.total = plan.grid.count
@@ -169,7 +126,7 @@ def run(ctx: click.Context, input_path: str, output: str, tile: str, block: str 
       tileseg run tomo.zarr seg.zarr --device cuda --batch 8 --probabilities
       tileseg run tomo.zarr seg.zarr --scheduler tcp://10.0.0.5:8786
     """
-    run_segmentation(ctx.obj["quiet"], input_path, output, tile=_shape(tile), block=_shape(block), chunk=_shape(chunk), shard=_shape(shard), **options)
+    run_segmentation(ctx.obj["quiet"], input_path, output, tile=parse_shape(tile), block=parse_shape(block), chunk=parse_shape(chunk), shard=parse_shape(shard), **options)
 
 
 @main.command()

@@ -1,0 +1,58 @@
+"""What every command shares: error mapping, size parsing, whether to show progress."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from typing import Any, Callable
+
+import click
+
+from tilesegment.errors import TilesegError
+
+__all__ = ["handle_errors", "parse_shape", "show_progress", "EXIT_INTERNAL"]
+
+EXIT_INTERNAL = 70
+
+
+def parse_shape(value: str | None) -> Any:
+    if value is None:
+        return None
+    try:
+        parts = [int(v) for v in value.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a size; give N or Z,Y,X (e.g. 64 or 32,64,64).") from None
+    if len(parts) not in (1, 3) or min(parts) < 1:
+        raise click.BadParameter(f"{value!r} is not a size; give N or Z,Y,X of positive integers.")
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def show_progress(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return func(*args, **kwargs)
+        except TilesegError as exc:
+            if debug:
+                traceback.print_exc()
+            click.echo(f"tileseg: error: {exc.message}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("tileseg: interrupted.", err=True)
+            sys.exit(130)
+        except Exception as exc:  # a bug: say so, in one line, and how to see more
+            if debug:
+                traceback.print_exc()
+            click.echo(f"tileseg: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback, and please report it).", err=True)
+            sys.exit(EXIT_INTERNAL)
+
+    return wrapper
+
+
