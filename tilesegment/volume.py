@@ -16,7 +16,7 @@ from .geometry import Box, Shape, ceil_div
 from .mrc import MrcInfo, inspect_mrc, read_mrc_region
 from .zarr_io import ZarrInput, describe_zarr_input, read_region
 
-__all__ = ["VolumeSource", "open_volume", "read_volume", "intensity_statistics", "is_zarr_path"]
+__all__ = ["VolumeSource", "open_volume", "read_volume", "read_native", "intensity_statistics", "is_zarr_path"]
 
 STATS_SAMPLE_VOXELS = 16_000_000  # statistics from about this many voxels, whatever the volume size
 
@@ -54,7 +54,8 @@ def open_volume(path: str | os.PathLike) -> VolumeSource:
     return VolumeSource(path, mrc.shape, mrc.dtype, mrc.voxel_size, mrc=mrc)
 
 
-def _read_inside(source: VolumeSource, box: Box) -> np.ndarray:
+def read_native(source: VolumeSource, box: Box) -> np.ndarray:
+    """Read ``box`` (inside the volume) in the volume's own dtype."""
     if source.mrc is not None:
         return read_mrc_region(source.mrc, box)
     assert source.zarr is not None
@@ -64,7 +65,7 @@ def _read_inside(source: VolumeSource, box: Box) -> np.ndarray:
 def read_volume(source: VolumeSource, box: Box) -> np.ndarray:
     """Read ``box`` as float32; parts outside the volume are filled by mirroring (reflect padding)."""
     inside = box.intersect(Box.from_shape(source.shape))
-    data = _read_inside(source, inside).astype(np.float32, copy=False)
+    data = read_native(source, inside).astype(np.float32, copy=False)
     if inside == box:
         return data
     pad = [(a - b, d - c) for a, b, c, d in zip(inside.start, box.start, inside.stop, box.stop)]
@@ -95,7 +96,7 @@ def intensity_statistics_of(source: VolumeSource, step: int) -> tuple[float, flo
     slab = max(step, ceil_div(4_000_000, max(1, ny * nx // (step * step))) * step)
     for z0 in range(0, nz, slab):
         box = Box((z0, 0, 0), (min(nz, z0 + slab), ny, nx))
-        sample = _read_inside(source, box)[::step, ::step, ::step].astype(np.float64)
+        sample = read_native(source, box)[::step, ::step, ::step].astype(np.float64)
         if not np.isfinite(sample).all():
             raise InputError(f"{source.path}: the volume contains NaN or infinite voxels (seen near z={z0}).",
                              "Replace them (e.g. with the mean) before segmenting; tileseg refuses rather than guess.")
