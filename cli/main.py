@@ -154,9 +154,10 @@ def demo(ctx: click.Context, directory: str, size: int, seed: int, workers: int 
     run_segmentation(quiet, zarr_path, os.path.join(directory, "segmentation.zarr"), overwrite=True, workers=workers)
 
 
-from .science import evaluate  # noqa: E402  (the science commands live in their own module)
+from .science import evaluate, simulate, train  # noqa: E402  (the science commands live in their own module)
 
-main.add_command(evaluate)
+for command in (simulate, train, evaluate):
+    main.add_command(command)
 
 if __name__ == "__main__":
     main()

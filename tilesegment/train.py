@@ -195,7 +195,7 @@ def train(
                 pred = model(val_x[start : start + config.batch].to(device)).argmax(1).cpu().numpy()
                 matrix += confusion(pred, val_y[start : start + config.batch].numpy(), len(names))
         iou = scores(matrix)["iou"]
-        record = {"step": step, "loss": round(float(loss), 5), "validation_iou": round(iou, 5)}
+        record = {"step": step, "loss": round(loss.item(), 5), "validation_iou": round(iou, 5)}
         history.append(record)
         if progress:
             progress(step, record)
