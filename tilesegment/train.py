@@ -1,7 +1,8 @@
 """Training the segmentation networks on (simulated) tomograms with per-voxel ground truth.
 
 Random subtomogram crops (the paper's setting: the network sees a crowded neighbourhood and labels
-each voxel) are drawn from whole training tomograms, each normalised with its own whole-volume
+each voxel) are drawn from whole training tomograms, half of them centred on a labelled voxel so a
+rare macromolecule of interest is seen as often as the background around it, each normalised with its own whole-volume
 mean and standard deviation exactly as ``tileseg run`` normalises. Validation uses a fixed set of
 crops from held-out tomograms; training stops early when the validation IoU has not improved for
 ``patience`` validations, and the best weights are saved in the checkpoint format of
@@ -47,6 +48,7 @@ class TrainConfig:
     validate_every: int = 100
     validation_crops: int = 32
     patience: int = 6  # validations without improvement before stopping
+    centred_crops: float = 0.5  # share of training crops centred on a labelled voxel (rare targets get seen)
     seed: int = 0
     device: str = "cpu"
     voxel_size: float = 10.0
@@ -106,11 +108,23 @@ def _crop_origin(rng: np.random.Generator, shape: Sequence[int], crop: int) -> t
     return tuple(int(rng.integers(0, max(1, n - crop + 1))) for n in shape)  # type: ignore[return-value]
 
 
-def _crops(volumes: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator, count: int, crop: int, flip: bool):
+def _foreground_points(target: np.ndarray, rng: np.random.Generator, limit: int = 200_000) -> np.ndarray:
+    points = np.flatnonzero(target)
+    return points if len(points) <= limit else rng.choice(points, limit, replace=False)
+
+
+def _crops(volumes: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator, count: int, crop: int, flip: bool,
+           centres: list[np.ndarray] | None = None, centred: float = 0.0):
+    """``count`` random crops; a share ``centred`` of them centred on a labelled voxel."""
     xs, ys = [], []
     for _ in range(count):
-        image, target = volumes[int(rng.integers(len(volumes)))]
-        z, y, x = _crop_origin(rng, image.shape, crop)
+        which = int(rng.integers(len(volumes)))
+        image, target = volumes[which]
+        if centres is not None and len(centres[which]) and rng.random() < centred:
+            centre = np.unravel_index(int(rng.choice(centres[which])), target.shape)
+            z, y, x = (int(np.clip(c - crop // 2, 0, max(0, n - crop))) for c, n in zip(centre, target.shape))
+        else:
+            z, y, x = _crop_origin(rng, image.shape, crop)
         sl = (slice(z, z + crop), slice(y, y + crop), slice(x, x + crop))
         a, b = image[sl], target[sl]
         if flip:
@@ -173,14 +187,18 @@ def train(
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=config.max_steps)
     loss_fn = nn.CrossEntropyLoss()
-    val_x, val_y = _crops(prepared["validation"], np.random.default_rng(config.seed + 1), config.validation_crops, config.crop, flip=False)
+    centres = [_foreground_points(target, rng) for _, target in prepared["train"]]
+    val_rng = np.random.default_rng(config.seed + 1)
+    val_centres = [_foreground_points(target, val_rng) for _, target in prepared["validation"]]
+    val_x, val_y = _crops(prepared["validation"], val_rng, config.validation_crops, config.crop, flip=False,
+                          centres=val_centres, centred=config.centred_crops)
     best_iou, best_step, best_state, waited = -math.inf, 0, None, 0
     history: list[dict] = []
     step = 0
     stopped_early = False
     for step in range(1, config.max_steps + 1):
         model.train()
-        x, y = _crops(prepared["train"], rng, config.batch, config.crop, flip=True)
+        x, y = _crops(prepared["train"], rng, config.batch, config.crop, flip=True, centres=centres, centred=config.centred_crops)
         loss = loss_fn(model(x.to(device)), y.to(device))
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
