@@ -49,7 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="tilesegment/data/default_model.safetensors")
     parser.add_argument("--train", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--results", default="benchmarks/results/default_model.json")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -58,7 +58,7 @@ def main() -> None:
     snrs = np.exp(rng.uniform(np.log(0.3), np.log(3.0), size=args.train + 2))
     volumes = [simulated(kinds, 1000 + i, float(s)) for i, s in enumerate(snrs)]
     print(f"simulated {len(volumes)} tomograms in {time.perf_counter() - started:.0f} s", flush=True)
-    config = TrainConfig(channels=(8, 16, 32), crop=48, batch=4, max_steps=args.steps, validate_every=100, patience=4,
+    config = TrainConfig(channels=(8, 16, 32), crop=48, batch=4, max_steps=args.steps, validate_every=100, patience=4, centred_crops=0.0,
                          learning_rate=2e-3, seed=0,
                          description=f"SSN3D encoder-decoder trained by benchmarks/train_default_model.py on {args.train} simulated "
                                      f"crowded 128³ tomograms (10 Å/voxel, SNR 0.3-3, ±60° wedge) of {len(kinds)} complexes; "

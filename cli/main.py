@@ -131,27 +131,27 @@ def run(ctx: click.Context, input_path: str, output: str, tile: str, block: str 
 
 @main.command()
 @click.argument("directory", default="tileseg-demo", type=click.Path(file_okay=False))
-@click.option("--size", type=int, default=96, show_default=True, help="Edge of the synthetic cubic tomogram, in voxels.")
+@click.option("--size", type=int, default=96, show_default=True, help="Edge of the simulated cubic tomogram, in voxels.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--workers", type=int, default=None, help="Workers of the embedded cluster.")
 @click.pass_context
 @handle_errors
 def demo(ctx: click.Context, directory: str, size: int, seed: int, workers: int | None) -> None:
-    """Make a small synthetic tomogram, convert it, and segment it with the default model.
+    """Simulate a crowded tomogram, convert it, segment it with the default model, and score it.
 
-    Writes DIRECTORY/tomogram.mrc, DIRECTORY/tomogram.zarr and DIRECTORY/segmentation.zarr.
+    Writes DIRECTORY/simulation/ (tomogram.mrc, labels.mrc, particles.json), DIRECTORY/tomogram.zarr,
+    DIRECTORY/segmentation.zarr and DIRECTORY/truth.mrc.
     """
-    from tilesegment.demo import make_demo_tomogram
-    from tilesegment.convert import convert as run_convert
+    from tilesegment.demo import prepare_demo, score_demo
 
     quiet = ctx.obj["quiet"]
-    os.makedirs(directory, exist_ok=True)
-    mrc_path = make_demo_tomogram(os.path.join(directory, "tomogram.mrc"), size, seed)
-    zarr_path = os.path.join(directory, "tomogram.zarr")
-    run_convert(mrc_path, zarr_path, overwrite=True)
+    files = prepare_demo(directory, size, seed)
     if not quiet:
-        click.echo(f"made {mrc_path} ({size}³, synthetic) and converted it to {zarr_path}")
-    run_segmentation(quiet, zarr_path, os.path.join(directory, "segmentation.zarr"), overwrite=True, workers=workers)
+        click.echo(f"simulated {files.mrc} ({size}³, {files.particles} particles, 10 Å/voxel, SNR 1) and converted it to {files.zarr}")
+    run_segmentation(quiet, files.zarr, files.segmentation, overwrite=True, workers=workers)
+    iou = score_demo(files)
+    if not quiet and iou is not None:
+        click.echo(f"macromolecule IoU against the simulation's ground truth: {iou:.3f}")
 
 
 from .science import evaluate, simulate, train  # noqa: E402  (the science commands live in their own module)

@@ -95,3 +95,17 @@ def chdir_tmp(tmp_path):
     os.chdir(tmp_path)
     yield tmp_path
     os.chdir(old)
+
+
+def blobs(shape, seed: int = 0, count: int | None = None, snr: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """``(tomogram, truth)``: bright ellipsoids (label 1) in gaussian noise, an easy training task."""
+    rng = np.random.default_rng(seed)
+    count = count if count is not None else max(4, int(np.prod(shape) / 6000))
+    clean = np.zeros(shape, np.float32)
+    grids = np.ogrid[tuple(slice(0, n) for n in shape)]
+    for _ in range(count):
+        centre = [rng.uniform(0, n) for n in shape]
+        radii = rng.uniform(2.5, 6.0, size=3)
+        clean[sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii)) <= 1.0] = 1.0
+    noisy = clean + rng.normal(0.0, (clean.std() or 1.0) / np.sqrt(snr), size=shape).astype(np.float32)
+    return noisy.astype(np.float32), (clean > 0).astype(np.uint8)

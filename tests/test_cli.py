@@ -72,7 +72,7 @@ def test_output_is_never_overwritten_or_put_inside_the_input(tmp_path, small_mrc
 def test_demo_runs_the_whole_job_on_an_embedded_cluster(tmp_path):
     result = tileseg("demo", "demo", "--size", "48", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "wrote demo/segmentation.zarr" in result.stdout
+    assert "wrote demo/segmentation.zarr" in result.stdout and "IoU against the simulation's ground truth" in result.stdout
     seg = zarr.open_group(str(tmp_path / "demo" / "segmentation.zarr"), mode="r")
     assert seg.attrs["tilesegment"]["status"] == "complete"
     assert seg["0"].shape == (48, 48, 48) and seg["0"].dtype == np.uint8

@@ -7,8 +7,9 @@ import pytest
 
 from tilesegment.errors import OptionError
 from tilesegment.model import load_checkpoint, read_checkpoint
-from tilesegment.synthetic import blobs
 from tilesegment.train import TrainConfig, Volume, confusion, label_targets, scores, train
+
+from .conftest import blobs
 
 
 def volumes(seeds, shape=(40, 40, 40)):
