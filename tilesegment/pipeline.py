@@ -151,7 +151,14 @@ def segment(
 
     settings = {"tile": list(tile_shape), "overlap": overlap, "blend": blend, "block": list(plan.block), "batch": batch,
                 "model": model or "default", "architecture": config.architecture, "model_voxel_size": config.voxel_size}
-    key = model_key(checkpoint, device)
+    info = {"version": __version__, "status": "running", "input": source.path, "settings": settings,
+            "tiles": plan.grid.count, "blocks": plan.block_count}
+    job = BlockJob(
+        source=source, plan=plan, model_key=model_key(checkpoint, device), channels=config.out_channels, batch_size=batch,
+        blend=blend, normalization=normalization, label_rule="argmax" if config.output == "softmax" else "threshold",
+        labels_path=f"{output}/0", label_dtype="uint8" if len(config.class_names) <= 255 else "uint16",
+        probabilities_path=f"{output}/probabilities/0" if probabilities else None, probability_dtype=probability_dtype,
+    )
     embedded = client is None and scheduler is None
     if embedded and threads is None:  # share this machine's cores among the embedded workers
         threads = max(1, default_torch_threads() // (workers or embedded_worker_count(device)))
@@ -159,10 +166,9 @@ def segment(
         link = dashboard_link(active)
         if on_start:
             on_start(plan, link)
-        install_model(active, key, checkpoint, device, threads)
+        install_model(active, job.model_key, checkpoint, device, threads)
         # the output exists only once input, model and cluster are known to be usable
-        job, info = _create_output(output, overwrite, ngff, spec, shapes, voxel, config, plan, source, key, batch, blend,
-                                   normalization, probabilities, probability_dtype, settings)
+        _create_output(output, job, info, ngff, spec, shapes, voxel, _label_names(config), overwrite)
         results = run_blocks(active, job, predict_resources(active, device, embedded), on_tiles=progress)
         for level in range(1, n_levels):
             for prefix, method in ((f"{output}/", "nearest"), *(((f"{output}/probabilities/", "mean"),) if probabilities else ())):
@@ -180,34 +186,21 @@ def _label_names(config: Any) -> tuple[str, ...]:
     return tuple(config.class_names) if config.out_channels > 1 else ("background", config.class_names[-1])
 
 
-def _create_output(output: str, overwrite: bool, ngff: str, spec: ArraySpec, shapes: list[Shape], voxel: Sequence[float],
-                   config: Any, plan: BlockPlan, source: VolumeSource, key: str, batch: int, blend: str,
-                   normalization: tuple[float, float] | None, probabilities: bool, probability_dtype: str,
-                   settings: dict[str, Any]) -> tuple[BlockJob, dict[str, Any]]:
-    """Lay out the output OME-Zarr (all levels, metadata, status ``running``) and describe the block job."""
-    n_levels = len(shapes)
-    label_dtype = "uint8" if len(config.class_names) <= 255 else "uint16"
+def _create_output(output: str, job: BlockJob, info: dict[str, Any], ngff: str, spec: ArraySpec, shapes: list[Shape],
+                   voxel: Sequence[float], class_names: tuple[str, ...], overwrite: bool) -> None:
+    """Lay out the output OME-Zarr: every level of labels (and probabilities), metadata, status ``running``."""
     group = create_group(output, ngff, overwrite=overwrite)
-    paths = [str(i) for i in range(n_levels)]
-    factors = [2**i for i in range(n_levels)]
+    paths = [str(i) for i in range(len(shapes))]
+    factors = [2**i for i in range(len(shapes))]
     for path, shape in zip(paths, shapes):
-        create_array(group, path, shape, label_dtype, spec)
-    if probabilities:
+        create_array(group, path, shape, job.label_dtype, spec)
+    if job.probabilities_path:
         prob_group = group.create_group("probabilities")
         for path, shape in zip(paths, shapes):
-            create_array(prob_group, path, shape, probability_dtype, spec, channels=config.out_channels)
+            create_array(prob_group, path, shape, job.probability_dtype, spec, channels=job.channels)
         prob_group.attrs.update(ome_attrs(ngff, multiscales=[multiscales("probabilities", paths, voxel, factors, ngff, channel=True)]))
-    info = {"version": __version__, "status": "running", "input": source.path, "settings": settings,
-            "tiles": plan.grid.count, "blocks": plan.block_count}
     group.attrs.update({
         **ome_attrs(ngff, multiscales=[multiscales("segmentation", paths, voxel, factors, ngff, method="nearest")],
-                    **{"image-label": image_label(_label_names(config), ngff)}),
+                    **{"image-label": image_label(class_names, ngff)}),
         "tilesegment": info,
     })
-    job = BlockJob(
-        source=source, plan=plan, model_key=key, channels=config.out_channels, batch_size=batch,
-        blend=blend, normalization=normalization, label_rule="argmax" if config.output == "softmax" else "threshold",
-        labels_path=f"{output}/0", label_dtype=label_dtype,
-        probabilities_path=f"{output}/probabilities/0" if probabilities else None, probability_dtype=probability_dtype,
-    )
-    return job, info
