@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import os
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import dask
-from dask import delayed
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from distributed import Client, LocalCluster, as_completed
 from distributed.diagnostics.plugin import WorkerPlugin
 
@@ -128,25 +129,45 @@ def predict_resources(client: Client, device: str, embedded: bool) -> dict[str, 
     return {"MODEL": 1} if embedded else None
 
 
-def run_blocks(client: Client, job: BlockJob, resources: dict[str, float] | None,
-               on_tiles: Callable[[int], None] | None = None) -> list[BlockResult]:
-    """Build the block graph and run it; ``on_tiles(n)`` hears of every forwarded batch."""
+def block_graph(job: BlockJob, resources: dict[str, float] | None) -> tuple[HighLevelGraph, list[str]]:
+    """The task graph of a run, built as plain dicts: one ``block`` task per block (taking its lower
+    neighbours' outputs, i.e. their spill pieces) and one tiny ``stat`` task per block that picks
+    the block's :class:`BlockResult` out for the client.
+
+    Built directly rather than through ``dask.delayed``: delayed objects carry their upstream graph,
+    so a wavefront of them costs quadratic time to build (minutes for a few thousand blocks).
+    """
     plan = job.plan
     token = dask.base.tokenize(job)
-    job_key = delayed(job, pure=True, name=f"job-{token}")
-    outputs: dict[Any, Any] = {}
-    results = []
+    job_key = f"job-{token}"
+
+    def block_key(index: Sequence[int]) -> str:
+        return f"block-{token}-" + "-".join(map(str, index))
+
+    blocks, stats, priority = {}, {}, {}
     for order, index in enumerate(plan.sweep()):
-        # picking a spill piece out of a neighbour's output is trivial: do it first, so the
-        # neighbour's output (thin pieces only) is released as soon as possible
-        with dask.annotate(priority=1):
-            spills = [outputs[source][SPILL_OFFSETS.index(offset)] for source, offset in plan.spills_into(index)]
-        # sweep order: a block's lower neighbours (its inputs) always come before it
-        with dask.annotate(priority=-order, **({"resources": resources} if resources else {})):
-            name = f"block-{token}-" + "-".join(map(str, index))
-            outputs[index] = delayed(process_block, pure=True, nout=len(SPILL_OFFSETS) + 1)(job_key, index, *spills, dask_key_name=name)
-        with dask.annotate(priority=1):
-            results.append(outputs[index][len(SPILL_OFFSETS)])
+        key = block_key(index)
+        blocks[key] = (process_block, job_key, list(index), *[block_key(source) for source, _ in plan.spills_into(index)])
+        priority[key] = -order  # sweep order: a block's lower neighbours (its inputs) come first
+        stats[f"stat-{token}-" + "-".join(map(str, index))] = (operator.getitem, key, len(SPILL_OFFSETS))
+    block_annotations: dict[str, Any] = {"priority": priority.__getitem__}
+    if resources:
+        block_annotations["resources"] = resources
+    layers = {
+        "job": MaterializedLayer({job_key: job}),
+        "blocks": MaterializedLayer(blocks, annotations=block_annotations),
+        # picking a result out is trivial: do it first, so a block's output (spill pieces only) is
+        # released as soon as its upper neighbours have taken their pieces
+        "stats": MaterializedLayer(stats, annotations={"priority": 1}),
+    }
+    graph = HighLevelGraph(layers, {"job": set(), "blocks": {"job"}, "stats": {"blocks"}})
+    return graph, list(stats)
+
+
+def run_blocks(client: Client, job: BlockJob, resources: dict[str, float] | None,
+               on_tiles: Callable[[int], None] | None = None) -> list[BlockResult]:
+    """Run the block graph; ``on_tiles(n)`` hears of every forwarded batch."""
+    graph, keys = block_graph(job, resources)
 
     def heard(event: tuple[float, Any]) -> None:
         run, tiles = event[1]
@@ -154,7 +175,7 @@ def run_blocks(client: Client, job: BlockJob, resources: dict[str, float] | None
             on_tiles(tiles)
 
     client.subscribe_topic(PROGRESS_TOPIC, heard)
-    futures = client.compute(results, optimize_graph=False)
+    futures = client.get(graph, keys, sync=False)
     done = []
     try:
         for future in as_completed(futures):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Iterator
 
 from .errors import OptionError
@@ -202,6 +202,7 @@ class BlockPlan:
         stop = tuple(max(r, t) for r, t in zip(region.stop, tiles.stop))
         return Box(region.start, stop).intersect(self.volume_box)  # type: ignore[arg-type]
 
+    @lru_cache(maxsize=None)  # asked 8 times per block when the graph is built
     def pieces(self, index: Shape) -> dict[Shape, Box]:
         """The non-empty parts of the block's extent, keyed by the offset of the block they belong to."""
         extent = self.extent(index)
