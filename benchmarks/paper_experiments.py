@@ -1,7 +1,7 @@
 """Reproduce the two experiments of Liu et al. (ICIP 2018) on tileseg's simulator.
 
 1. **Baseline vs encoder-decoder across SNR.** For each SNR, both networks are trained to segment
-   one macromolecule of interest (``--target``, default 1bxn, RuBisCO) against everything else in
+   one macromolecule of interest (``--target``, default 4v4r, the 70S ribosome) against everything else in
    crowded tomograms of all 16 kinds, then tested on a new tomogram: IoU of the target class.
 2. **Structures absent from training.** Both networks are trained to segment every macromolecule
    against background on 12 kinds, then tested on a new tomogram of those kinds and on one made
@@ -67,7 +67,7 @@ def fit(arch, train_volumes, val_volumes, classes, kinds, args, path):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--snr", type=float, nargs="+", default=[1.0, 0.3, 0.1, 0.05])
-    parser.add_argument("--target", default="1bxn")
+    parser.add_argument("--target", default="4v4r")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--train", type=int, default=4)
     parser.add_argument("--size", type=int, default=96)
