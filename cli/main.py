@@ -5,7 +5,6 @@ unless ``--debug``)."""
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from typing import Any, Callable
 

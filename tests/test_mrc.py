@@ -6,7 +6,6 @@ import os
 import struct
 import tempfile
 import time
-import warnings
 
 import mrcfile
 import numpy as np

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from tilesegment.blending import window
 from tilesegment.errors import OptionError
 from tilesegment.geometry import Box
-from tilesegment.plan import OFFSETS, BlockPlan, TileGrid, stride_for, tile_origins
+from tilesegment.plan import BlockPlan, TileGrid, stride_for, tile_origins
 
 
 @st.composite

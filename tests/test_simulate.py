@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from tilesegment import placement as placement_module
 from tilesegment import simulate as sim_module
 from tilesegment.errors import OptionError, OutputError
 from tilesegment.simulate import (
@@ -164,7 +165,7 @@ def test_published_positions_and_rotations_reproduce_disjoint_masks(crowded):
 
 
 def test_rotations_are_spread_over_so3():
-    rotations = np.array([sim_module._random_rotation(np.random.default_rng(i)) for i in range(4000)])
+    rotations = np.array([placement_module.random_rotation(np.random.default_rng(i)) for i in range(4000)])
     # uniform on SO(3): every matrix entry averages 0 and has mean square 1/3
     assert np.abs(rotations.mean(axis=0)).max() < 0.03
     np.testing.assert_allclose((rotations**2).mean(axis=0), 1 / 3, atol=0.02)

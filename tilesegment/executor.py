@@ -123,7 +123,7 @@ def install_model(client: Client, key: str, data: bytes, device: str, threads: i
                            "Check that tilesegment and PyTorch are installed on the workers (same versions as here).") from None
 
 
-def predict_resources(client: Client, device: str, embedded: bool) -> dict[str, float] | None:
+def predict_resources(device: str, embedded: bool) -> dict[str, float] | None:
     if device.startswith("cuda"):
         return {"GPU": 1}
     return {"MODEL": 1} if embedded else None

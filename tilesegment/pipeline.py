@@ -169,7 +169,7 @@ def segment(
         install_model(active, job.model_key, checkpoint, device, threads)
         # the output exists only once input, model and cluster are known to be usable
         _create_output(output, job, info, ngff, spec, shapes, voxel, _label_names(config), overwrite)
-        results = run_blocks(active, job, predict_resources(active, device, embedded), on_tiles=progress)
+        results = run_blocks(active, job, predict_resources(device, embedded), on_tiles=progress)
         for level in range(1, n_levels):
             for prefix, method in ((f"{output}/", "nearest"), *(((f"{output}/probabilities/", "mean"),) if probabilities else ())):
                 src, dst = f"{prefix}{level - 1}", f"{prefix}{level}"

@@ -45,7 +45,6 @@ from .geometry import Shape, shape_option
 from .microscope import apply_transfer, ctf, electron_wavelength, transfer, variance, wedge_noise
 from .options import count_option, positive_option, range_option
 from .placement import place
-from .placement import random_rotation as _random_rotation  # noqa: F401  (tests reach it as simulate._random_rotation)
 from .simulate_large import simulate_out_of_core
 from .templates import TEMPLATE_DIR, list_templates, load_template, prepared_templates, resolve_template, template_name
 
