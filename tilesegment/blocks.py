@@ -99,12 +99,12 @@ def to_probability_dtype(probabilities: np.ndarray, dtype: str) -> np.ndarray:
     return probabilities.astype(dtype)
 
 
-def process_block(job: BlockJob, index: Sequence[int], *neighbours: tuple) -> tuple:
+def process_block(job: BlockJob, index: Sequence[int], *incoming: np.ndarray) -> tuple:
     """Forward, blend, finalise and write one block; return its spill pieces (by ``SPILL_OFFSETS``,
     ``None`` where empty) followed by its :class:`BlockResult`.
 
-    ``neighbours`` are the outputs of the lower neighbours that spill into this block, in the order
-    of :meth:`BlockPlan.spills_into`; each hands over the piece at this block's offset.
+    ``incoming`` are the lower neighbours' spill pieces for this block, in the order of
+    :meth:`BlockPlan.spills_into`.
     """
     plan = job.plan
     index = tuple(index)  # type: ignore[assignment]
@@ -114,10 +114,10 @@ def process_block(job: BlockJob, index: Sequence[int], *neighbours: tuple) -> tu
     acc = new_accumulator(job.channels, acc_box)
     forwarded = forward_tiles(job, index, acc, acc_box)
     sources = plan.spills_into(index)
-    if len(sources) != len(neighbours):
-        raise RuntimeError(f"block {index}: expected {len(sources)} neighbour outputs, got {len(neighbours)}")
-    for (source, offset), output in zip(sources, neighbours):
-        add_piece(acc, acc_box, output[SPILL_OFFSETS.index(offset)], plan.pieces(source)[offset])
+    if len(sources) != len(incoming):
+        raise RuntimeError(f"block {index}: expected {len(sources)} spill pieces, got {len(incoming)}")
+    for (source, offset), piece in zip(sources, incoming):
+        add_piece(acc, acc_box, piece, plan.pieces(source)[offset])
     probabilities = normalise(acc[(slice(None), *region.slices(acc_box))])
     labels = to_labels(probabilities, job.label_rule, job.label_dtype)
     write_region(job.labels_path, region, labels)

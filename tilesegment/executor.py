@@ -130,9 +130,9 @@ def predict_resources(device: str, embedded: bool) -> dict[str, float] | None:
 
 
 def block_graph(job: BlockJob, resources: dict[str, float] | None) -> tuple[HighLevelGraph, list[str]]:
-    """The task graph of a run, built as plain dicts: one ``block`` task per block (taking its lower
-    neighbours' outputs, i.e. their spill pieces) and one tiny ``stat`` task per block that picks
-    the block's :class:`BlockResult` out for the client.
+    """The task graph of a run, built as plain dicts: one ``block`` task per block, taking the spill
+    pieces its lower neighbours hand on, and tiny ``spill``/``stat`` tasks that pick each piece and
+    each block's :class:`BlockResult` out of a block's output.
 
     Built directly rather than through ``dask.delayed``: delayed objects carry their upstream graph,
     so a wavefront of them costs quadratic time to build (minutes for a few thousand blocks).
@@ -144,24 +144,30 @@ def block_graph(job: BlockJob, resources: dict[str, float] | None) -> tuple[High
     def block_key(index: Sequence[int]) -> str:
         return f"block-{token}-" + "-".join(map(str, index))
 
-    blocks, stats, priority = {}, {}, {}
+    def spill_key(source: Sequence[int], offset: Sequence[int]) -> str:
+        return f"spill-{token}-" + "-".join(map(str, (*source, *offset)))
+
+    blocks, picks, priority = {}, {}, {}
     for order, index in enumerate(plan.sweep()):
         key = block_key(index)
-        blocks[key] = (process_block, job_key, list(index), *[block_key(source) for source, _ in plan.spills_into(index)])
+        incoming = plan.spills_into(index)
+        blocks[key] = (process_block, job_key, list(index), *[spill_key(source, offset) for source, offset in incoming])
         priority[key] = -order  # sweep order: a block's lower neighbours (its inputs) come first
-        stats[f"stat-{token}-" + "-".join(map(str, index))] = (operator.getitem, key, len(SPILL_OFFSETS))
+        for source, offset in incoming:
+            picks[spill_key(source, offset)] = (operator.getitem, block_key(source), SPILL_OFFSETS.index(offset))
+        picks[f"stat-{token}-" + "-".join(map(str, index))] = (operator.getitem, key, len(SPILL_OFFSETS))
     block_annotations: dict[str, Any] = {"priority": priority.__getitem__}
     if resources:
         block_annotations["resources"] = resources
     layers = {
         "job": MaterializedLayer({job_key: job}),
         "blocks": MaterializedLayer(blocks, annotations=block_annotations),
-        # picking a result out is trivial: do it first, so a block's output (spill pieces only) is
-        # released as soon as its upper neighbours have taken their pieces
-        "stats": MaterializedLayer(stats, annotations={"priority": 1}),
+        # picking a piece or a result out is trivial: do it at once, so a block's output is released
+        # right away and each piece waits only for the one neighbour that takes it
+        "picks": MaterializedLayer(picks, annotations={"priority": 1}),
     }
-    graph = HighLevelGraph(layers, {"job": set(), "blocks": {"job"}, "stats": {"blocks"}})
-    return graph, list(stats)
+    graph = HighLevelGraph(layers, {"job": set(), "blocks": {"job", "picks"}, "picks": {"blocks"}})
+    return graph, [k for k in picks if k.startswith("stat-")]
 
 
 def run_blocks(client: Client, job: BlockJob, resources: dict[str, float] | None,
