@@ -10,7 +10,10 @@
 Inference is ``tileseg run``'s library call (tiles, blending, Zarr), scoring is ``tileseg evaluate``'s.
 Same seeds, crops (40³, as the paper's subtomograms), widths and steps for both networks.
 
-    python benchmarks/paper_experiments.py [--snr 1 0.3 0.1 0.05] [--steps 300] [--train 4]
+    python benchmarks/paper_experiments.py [--snr 1 0.3 0.1 0.03] [--steps 500] [--train 4] [--repeats 2]
+
+``--repeats N`` runs every cell N times with new simulated data and a new training seed, and reports
+the mean and the range, so a difference between the networks can be read against run-to-run spread.
 """
 
 from __future__ import annotations
@@ -57,18 +60,19 @@ def test_iou(model, test: Volume, truth: np.ndarray, work: str) -> float:
     return round(evaluate(seg, truth_path).score(1).iou or 0.0, 4)
 
 
-def fit(arch, train_volumes, val_volumes, classes, kinds, args, path):
+def fit(arch, train_volumes, val_volumes, classes, kinds, args, path, seed):
     config = TrainConfig(architecture=arch, channels=tuple(args.channels), crop=40, batch=4, max_steps=args.steps,
-                         validate_every=max(1, args.steps // 6), patience=3, learning_rate=2e-3, seed=0)
+                         validate_every=max(1, args.steps // 6), patience=3, learning_rate=2e-3, seed=seed)
     report = train(train_volumes, val_volumes, path, config, classes=classes, kinds=kinds)
     return report
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--snr", type=float, nargs="+", default=[1.0, 0.3, 0.1, 0.05])
+    parser.add_argument("--snr", type=float, nargs="+", default=[1.0, 0.3, 0.1, 0.03])
     parser.add_argument("--target", default="4v4r")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--train", type=int, default=4)
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--channels", type=int, nargs=3, default=[8, 16, 32])
@@ -81,40 +85,55 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         model = os.path.join(work, "m.safetensors")
         for snr in args.snr:
-            data = volumes(kinds, snr, range(100, 100 + args.train + 2), shape)
-            target_label = kinds.index(args.target) + 1
-            truth = data[-1].labels == target_label
-            for arch, name in ARCHITECTURES.items():
-                report = fit(arch, data[: args.train], data[args.train : args.train + 1], f"target:{args.target}", kinds, args, model)
-                iou = test_iou(model, data[-1], truth, work)
-                rows_snr.append({"snr": snr, "network": name, "target_iou": iou, "validation_iou": round(report.best_validation_iou, 4),
-                                 "steps": report.steps})
-                print(rows_snr[-1], flush=True)
+            for repeat in range(args.repeats):
+                seeds = range(100 + 1000 * repeat, 100 + 1000 * repeat + args.train + 2)
+                data = volumes(kinds, snr, seeds, shape)
+                truth = data[-1].labels == kinds.index(args.target) + 1
+                for arch, name in ARCHITECTURES.items():
+                    report = fit(arch, data[: args.train], data[args.train : args.train + 1], f"target:{args.target}",
+                                 kinds, args, model, seed=repeat)
+                    rows_snr.append({"snr": snr, "repeat": repeat, "network": name, "target_iou": test_iou(model, data[-1], truth, work),
+                                     "validation_iou": round(report.best_validation_iou, 4), "steps": report.steps})
+                    print(rows_snr[-1], flush=True)
         seen = [k for k in kinds if k not in HELD_OUT]
-        data = volumes(seen, 0.5, range(200, 200 + args.train + 2), shape)
-        unseen = volumes(HELD_OUT, 0.5, [300], shape)[0]
-        for arch, name in ARCHITECTURES.items():
-            report = fit(arch, data[: args.train], data[args.train : args.train + 1], "foreground", seen, args, model)
-            rows_held.append({"network": name, "snr": 0.5,
-                              "iou_training_kinds": test_iou(model, data[-1], data[-1].labels > 0, work),
-                              "iou_held_out_kinds": test_iou(model, unseen, unseen.labels > 0, work)})
-            print(rows_held[-1], flush=True)
+        for repeat in range(args.repeats):
+            base = 200 + 1000 * repeat
+            data = volumes(seen, 0.5, range(base, base + args.train + 2), shape)
+            unseen = volumes(HELD_OUT, 0.5, [base + 100], shape)[0]
+            for arch, name in ARCHITECTURES.items():
+                fit(arch, data[: args.train], data[args.train : args.train + 1], "foreground", seen, args, model, seed=repeat)
+                rows_held.append({"network": name, "snr": 0.5, "repeat": repeat,
+                                  "iou_training_kinds": test_iou(model, data[-1], data[-1].labels > 0, work),
+                                  "iou_held_out_kinds": test_iou(model, unseen, unseen.labels > 0, work)})
+                print(rows_held[-1], flush=True)
     result = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU", "seconds": round(time.perf_counter() - started),
-              "settings": {"shape": list(shape), "train_tomograms": args.train, "steps": args.steps, "crop": 40,
+              "settings": {"shape": list(shape), "train_tomograms": args.train, "steps": args.steps, "crop": 40, "repeats": args.repeats,
                            "channels": args.channels, "target": args.target, "held_out": list(HELD_OUT)},
               "snr_experiment": rows_snr, "held_out_experiment": rows_held}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    print("| SNR | FCN baseline IoU | encoder-decoder IoU |\n|---|---|---|")
-    for snr in args.snr:
-        r = {row["network"]: row["target_iou"] for row in rows_snr if row["snr"] == snr}
-        print(f"| {snr:g} | {r['FCN baseline']:.3f} | {r['encoder-decoder']:.3f} |")
-    print("\n| network | IoU, training kinds | IoU, 4 held-out kinds |\n|---|---|---|")
-    for row in rows_held:
-        print(f"| {row['network']} | {row['iou_training_kinds']:.3f} | {row['iou_held_out_kinds']:.3f} |")
+    print(table(args, rows_snr, rows_held))
 
+
+def summary(values) -> str:
+    """Mean, and the range when there is more than one repeat."""
+    values = list(values)
+    mean = f"{np.mean(values):.3f}"
+    return mean if len(values) == 1 else f"{mean} ({min(values):.3f}–{max(values):.3f})"
+
+
+def table(args, rows_snr, rows_held) -> str:
+    lines = ["| SNR | FCN baseline IoU | encoder-decoder IoU |", "|---|---|---|"]
+    for snr in args.snr:
+        cells = [summary(r["target_iou"] for r in rows_snr if r["snr"] == snr and r["network"] == name) for name in ARCHITECTURES.values()]
+        lines.append(f"| {snr:g} | {cells[0]} | {cells[1]} |")
+    lines += ["", "| network | IoU, training kinds | IoU, 4 held-out kinds |", "|---|---|---|"]
+    for name in ARCHITECTURES.values():
+        rows = [r for r in rows_held if r["network"] == name]
+        lines.append(f"| {name} | {summary(r['iou_training_kinds'] for r in rows)} | {summary(r['iou_held_out_kinds'] for r in rows)} |")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()
