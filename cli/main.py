@@ -80,6 +80,7 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--probabilities", is_flag=True, help="Also write the class probabilities (under probabilities/)."),
         click.option("--probability-dtype", type=click.Choice(["float16", "float32", "uint8"]), default="float16", show_default=True),
         click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists."),
+        click.option("--resume", is_flag=True, help="Finish a stopped run on OUTPUT (same options), computing only its unfinished blocks."),
         click.option("--ignore-voxel-size", is_flag=True, help="Run even if the tomogram's voxel size is far from the model's."),
     ]
     for option in reversed(options):
@@ -102,7 +103,11 @@ def run_segmentation(quiet: bool, input_path: str, output: str, **options: Any) 
 
     with bar:
         report = segment(input_path, output, progress=bar.update, on_start=on_start, **options)
-    if not quiet:
+    if not quiet and report.extra.get("already_complete"):
+        click.echo(f"{report.output} is already complete; nothing to do.")
+    elif not quiet:
+        if report.extra.get("resumed_blocks"):
+            click.echo(f"resumed: {report.extra['resumed_blocks']} of {report.blocks} blocks were already done")
         fraction = report.foreground_voxels / max(1, report.shape[0] * report.shape[1] * report.shape[2])
         click.echo(f"wrote {report.output}: {'×'.join(map(str, report.shape))} labels {', '.join(report.class_names)}; "
                    f"{report.tiles_forwarded}/{report.tile_count} tiles in {report.blocks} blocks, "
@@ -124,8 +129,28 @@ def run(ctx: click.Context, input_path: str, output: str, tile: str, block: str 
       tileseg run tomo.mrc seg.zarr
       tileseg run tomo.zarr seg.zarr --device cuda --batch 8 --probabilities
       tileseg run tomo.zarr seg.zarr --scheduler tcp://10.0.0.5:8786
+      tileseg run tomo.zarr seg.zarr --resume     # after a crash: only unfinished blocks
     """
     run_segmentation(ctx.obj["quiet"], input_path, output, tile=parse_shape(tile), block=parse_shape(block), chunk=parse_shape(chunk), shard=parse_shape(shard), **options)
+
+
+@main.command()
+@click.argument("output", metavar="OUTPUT.zarr", type=click.Path())
+@click.pass_context
+@handle_errors
+def status(ctx: click.Context, output: str) -> None:
+    """Say whether a segmentation output is complete; exit status 0 if it is, 1 if not.
+
+    \b
+    Example:
+      tileseg status seg.zarr || tileseg run tomo.zarr seg.zarr --resume
+    """
+    from tilesegment.output import describe_output
+
+    report = describe_output(output)
+    if not ctx.obj["quiet"]:
+        click.echo(report.describe())
+    sys.exit(0 if report.complete else 1)
 
 
 @main.command()

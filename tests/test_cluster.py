@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -26,8 +27,10 @@ def dask_command(name: str) -> list[str]:
     return [exe, name]
 
 
-@pytest.fixture
-def real_cluster(tmp_path):
+@contextlib.contextmanager
+def dask_cluster(tmp_path, workers: int = 2, nanny: bool = True):
+    """A real ``dask scheduler`` and ``workers`` ``dask worker`` processes on 127.0.0.1:
+    yields (address, scheduler file, worker processes)."""
     scheduler_file = tmp_path / "scheduler.json"
     procs = [subprocess.Popen([*dask_command("scheduler"), "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0",
                                "--scheduler-file", str(scheduler_file)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
@@ -36,15 +39,16 @@ def real_cluster(tmp_path):
         while not scheduler_file.exists() and time.time() < deadline:
             time.sleep(0.2)
         address = json.loads(scheduler_file.read_text())["address"]
-        for i in range(2):
+        for i in range(workers):
             procs.append(subprocess.Popen([*dask_command("worker"), address, "--nthreads", "1", "--nworkers", "1",
+                                           *([] if nanny else ["--no-nanny"]),
                                            "--name", f"w{i}", "--local-directory", str(tmp_path / f"w{i}")],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         from distributed import Client
 
         with Client(address, timeout="30s") as client:
-            client.wait_for_workers(2, timeout=90)
-        yield address, str(scheduler_file)
+            client.wait_for_workers(workers, timeout=90)
+        yield address, str(scheduler_file), procs[1:]
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -53,6 +57,12 @@ def real_cluster(tmp_path):
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+@pytest.fixture
+def real_cluster(tmp_path):
+    with dask_cluster(tmp_path) as (address, scheduler_file, _):
+        yield address, scheduler_file
 
 
 def test_run_on_a_real_scheduler_and_two_workers(tmp_path, real_cluster, small_net, client):

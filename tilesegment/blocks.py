@@ -2,9 +2,11 @@
 
 ``process_block`` forwards the block's own tiles (each exactly once) and blends them into an
 accumulator over the block's extent; adds the thin spill pieces its (up to 7) lower neighbours
-handed on; normalises and writes every chunk of its region once; and hands its own spill pieces on
-to its upper neighbours. The whole block never waits in memory for anyone: only spill pieces (faces,
-edges, corners a tile overlap thick) travel and wait. See :mod:`tilesegment.plan` for the geometry.
+recorded in the run's journal; normalises and writes every chunk of its region once; and records
+its own spill pieces for its upper neighbours, which marks it done (see :mod:`tilesegment.journal`).
+The whole block never waits in memory for anyone: only spill pieces (faces, edges, corners a tile
+overlap thick) wait, on disk. A block already in the journal is not computed again. See
+:mod:`tilesegment.plan` for the geometry.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import numpy as np
 from .blending import accumulate, add_piece, new_accumulator, normalise, window
 from .errors import InputError
 from .geometry import Box, Shape
-from .plan import SPILL_OFFSETS, BlockPlan
+from .journal import BlockJournal
+from .plan import BlockPlan
 from .volume import VolumeSource, read_volume
 from .zarr_io import write_region
 
@@ -46,6 +49,7 @@ class BlockJob:
     label_rule: str  # 'argmax' (softmax classes) or 'threshold' (one channel, > 0.5)
     labels_path: str
     label_dtype: str
+    journal: BlockJournal
     probabilities_path: str | None = None
     probability_dtype: str = "float16"
 
@@ -99,32 +103,30 @@ def to_probability_dtype(probabilities: np.ndarray, dtype: str) -> np.ndarray:
     return probabilities.astype(dtype)
 
 
-def process_block(job: BlockJob, index: Sequence[int], *incoming: np.ndarray) -> tuple:
-    """Forward, blend, finalise and write one block; return its spill pieces (by ``SPILL_OFFSETS``,
-    ``None`` where empty) followed by its :class:`BlockResult`.
+def process_block(job: BlockJob, index: Sequence[int], *_neighbours: BlockResult) -> BlockResult:
+    """Forward, blend, finalise and write one block, then record it in the journal.
 
-    ``incoming`` are the lower neighbours' spill pieces for this block, in the order of
-    :meth:`BlockPlan.spills_into`.
+    ``_neighbours`` are the results of the lower neighbours whose spill pieces this block takes:
+    they are there to order the tasks; the pieces themselves come from the journal.
     """
-    plan = job.plan
+    plan, journal = job.plan, job.journal
     index = tuple(index)  # type: ignore[assignment]
+    recorded = journal.counts(index)
+    if recorded is not None:  # a retry, a re-run after a lost worker, or a resumed run
+        return BlockResult(index, *recorded)
     region = plan.region(index)
     extent = plan.extent(index)
     acc_box = extent if not extent.empty else region
     acc = new_accumulator(job.channels, acc_box)
     forwarded = forward_tiles(job, index, acc, acc_box)
-    sources = plan.spills_into(index)
-    if len(sources) != len(incoming):
-        raise RuntimeError(f"block {index}: expected {len(sources)} spill pieces, got {len(incoming)}")
-    for (source, offset), piece in zip(sources, incoming):
-        add_piece(acc, acc_box, piece, plan.pieces(source)[offset])
+    for source, offset in plan.spills_into(index):
+        add_piece(acc, acc_box, journal.piece(source, offset), plan.pieces(source)[offset])
     probabilities = normalise(acc[(slice(None), *region.slices(acc_box))])
     labels = to_labels(probabilities, job.label_rule, job.label_dtype)
     write_region(job.labels_path, region, labels)
     if job.probabilities_path:
         write_region(job.probabilities_path, region, to_probability_dtype(probabilities, job.probability_dtype))
-    pieces = plan.pieces(index)
-    spills = tuple(
-        np.ascontiguousarray(acc[(slice(None), *pieces[o].slices(acc_box))]) if o in pieces else None for o in SPILL_OFFSETS
-    )
-    return spills + (BlockResult(index, forwarded, region.size, int(np.count_nonzero(labels))),)
+    result = BlockResult(index, forwarded, region.size, int(np.count_nonzero(labels)))
+    pieces = {offset: acc[(slice(None), *box.slices(acc_box))] for offset, box in plan.pieces(index).items() if any(offset)}
+    journal.record(index, (result.tiles_forwarded, result.voxels_written, result.foreground_voxels), pieces)
+    return result

@@ -89,10 +89,9 @@ def convert(
     voxel = info.voxel_size or (1.0, 1.0, 1.0)
     # NaN/inf would be written as bare NaN/Infinity, which is not JSON: strict readers reject the whole group
     origin = list(info.origin) if np.isfinite(info.origin).all() else None
-    meta = {"version": __version__, "status": "running", "source": os.path.basename(input_path),
+    meta = {"version": __version__, "status": "incomplete", "source": os.path.basename(input_path),
             "mrc_mode": info.mode, "origin_angstrom": origin, "voxel_size_recorded": info.voxel_size is not None}
-    group.attrs.update({**ome_attrs(ngff, multiscales=[multiscales(os.path.basename(input_path), paths, voxel, [2**i for i in range(n_levels)], ngff)]),
-                        "tilesegment": meta})
+    group.attrs.update({"tilesegment": meta})  # the OME metadata comes last: until then no reader takes it for an image
 
     level0 = f"{output}/0"
 
@@ -105,6 +104,7 @@ def convert(
         tasks = [(f"{output}/{level - 1}", f"{output}/{level}", box, shapes[level - 1], "mean")
                  for box in level_regions(shapes[level], unit)]
         _run(build_level_region, tasks, threads, progress)
-    update_attrs(output, {"tilesegment": {**meta, "status": "complete"}})
+    update_attrs(output, {**ome_attrs(ngff, multiscales=[multiscales(os.path.basename(input_path), paths, voxel, [2**i for i in range(n_levels)], ngff)]),
+                          "tilesegment": {**meta, "status": "complete"}})
     return ConvertReport(output, info.shape, dtype.name, info.voxel_size, n_levels, time.perf_counter() - started,
                          int(np.prod(info.shape)) * dtype.itemsize)

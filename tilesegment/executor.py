@@ -4,20 +4,21 @@
   an existing cluster (``dask scheduler`` + ``dask worker``, dask-jobqueue, ...).
 * The model reaches each worker once, through a worker plugin that carries the checkpoint bytes
   (workers started later get it too); tasks carry only the model's key.
-* The graph has one ``block`` task per block (see :mod:`tilesegment.blocks`), which depends on the
-  spill pieces of its lower neighbours, created in raster order with falling priority so a worker
-  works through the volume plane by plane. Block tasks ask for a ``GPU`` resource on GPU runs
-  (``dask worker --resources GPU=1``) and for ``MODEL`` on the embedded CPU cluster, so one block at a
-  time runs the network per worker while its other thread picks spill pieces apart.
+* The graph has one ``block`` task per unfinished block (see :mod:`tilesegment.blocks`), which
+  depends on its unfinished lower neighbours (whose spill pieces it reads from the run's journal),
+  with falling priority in sweep order so the workers go through the volume plane by plane. Block
+  tasks ask for a ``GPU`` resource on GPU runs (``dask worker --resources GPU=1``) and for ``MODEL``
+  on the embedded CPU cluster, so one block at a time runs the network per worker.
+* Lost workers: Dask re-runs the tasks that were on them; a block already in the journal returns
+  its recorded result at once, so only the blocks that were running are computed again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import operator
 import os
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Sequence
 
 import dask
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
@@ -26,7 +27,6 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from .blocks import BlockJob, BlockResult, process_block, set_progress_hook
 from .errors import ClusterError
-from .plan import SPILL_OFFSETS
 
 __all__ = ["connect", "ModelPlugin", "install_model", "run_blocks", "map_tasks", "dashboard_link"]
 
@@ -129,10 +129,10 @@ def predict_resources(device: str, embedded: bool) -> dict[str, float] | None:
     return {"MODEL": 1} if embedded else None
 
 
-def block_graph(job: BlockJob, resources: dict[str, float] | None) -> tuple[HighLevelGraph, list[str]]:
-    """The task graph of a run, built as plain dicts: one ``block`` task per block, taking the spill
-    pieces its lower neighbours hand on, and tiny ``spill``/``stat`` tasks that pick each piece and
-    each block's :class:`BlockResult` out of a block's output.
+def block_graph(job: BlockJob, resources: dict[str, float] | None,
+                done: Collection[tuple[int, ...]] = ()) -> tuple[HighLevelGraph, list[str]]:
+    """The task graph of a run, built as plain dicts: one ``block`` task per block not in ``done``,
+    depending on its lower neighbours that are not in ``done`` either.
 
     Built directly rather than through ``dask.delayed``: delayed objects carry their upstream graph,
     so a wavefront of them costs quadratic time to build (minutes for a few thousand blocks).
@@ -144,36 +144,28 @@ def block_graph(job: BlockJob, resources: dict[str, float] | None) -> tuple[High
     def block_key(index: Sequence[int]) -> str:
         return f"block-{token}-" + "-".join(map(str, index))
 
-    def spill_key(source: Sequence[int], offset: Sequence[int]) -> str:
-        return f"spill-{token}-" + "-".join(map(str, (*source, *offset)))
-
-    blocks, picks, priority = {}, {}, {}
+    blocks, priority = {}, {}
     for order, index in enumerate(plan.sweep()):
+        if index in done:
+            continue
         key = block_key(index)
-        incoming = plan.spills_into(index)
-        blocks[key] = (process_block, job_key, list(index), *[spill_key(source, offset) for source, offset in incoming])
+        waits_for = [block_key(source) for source, _ in plan.spills_into(index) if source not in done]
+        blocks[key] = (process_block, job_key, list(index), *waits_for)
         priority[key] = -order  # sweep order: a block's lower neighbours (its inputs) come first
-        for source, offset in incoming:
-            picks[spill_key(source, offset)] = (operator.getitem, block_key(source), SPILL_OFFSETS.index(offset))
-        picks[f"stat-{token}-" + "-".join(map(str, index))] = (operator.getitem, key, len(SPILL_OFFSETS))
-    block_annotations: dict[str, Any] = {"priority": priority.__getitem__}
+    annotations: dict[str, Any] = {"priority": priority.__getitem__}
     if resources:
-        block_annotations["resources"] = resources
-    layers = {
-        "job": MaterializedLayer({job_key: job}),
-        "blocks": MaterializedLayer(blocks, annotations=block_annotations),
-        # picking a piece or a result out is trivial: do it at once, so a block's output is released
-        # right away and each piece waits only for the one neighbour that takes it
-        "picks": MaterializedLayer(picks, annotations={"priority": 1}),
-    }
-    graph = HighLevelGraph(layers, {"job": set(), "blocks": {"job", "picks"}, "picks": {"blocks"}})
-    return graph, [k for k in picks if k.startswith("stat-")]
+        annotations["resources"] = resources
+    layers = {"job": MaterializedLayer({job_key: job}), "blocks": MaterializedLayer(blocks, annotations=annotations)}
+    graph = HighLevelGraph(layers, {"job": set(), "blocks": {"job"}})
+    return graph, list(blocks)
 
 
 def run_blocks(client: Client, job: BlockJob, resources: dict[str, float] | None,
-               on_tiles: Callable[[int], None] | None = None) -> list[BlockResult]:
-    """Run the block graph; ``on_tiles(n)`` hears of every forwarded batch."""
-    graph, keys = block_graph(job, resources)
+               on_tiles: Callable[[int], None] | None = None, done: Collection[tuple[int, ...]] = ()) -> list[BlockResult]:
+    """Run the blocks not in ``done``; ``on_tiles(n)`` hears of every forwarded batch."""
+    graph, keys = block_graph(job, resources, done)
+    if not keys:
+        return []
 
     def heard(event: tuple[float, Any]) -> None:
         run, tiles = event[1]
@@ -182,17 +174,16 @@ def run_blocks(client: Client, job: BlockJob, resources: dict[str, float] | None
 
     client.subscribe_topic(PROGRESS_TOPIC, heard)
     futures = client.get(graph, keys, sync=False)
-    done = []
+    results = []
     try:
         for future in as_completed(futures):
-            done.append(future.result())
-            future.release()
+            results.append(future.result())
     except BaseException:
         client.cancel(futures)
         raise
     finally:
         client.unsubscribe_topic(PROGRESS_TOPIC)
-    return done
+    return results
 
 
 def map_tasks(client: Client, func: Callable[..., Any], argument_lists: Sequence[Iterable[Any]],

@@ -1,16 +1,18 @@
 """``segment``: the main job, read → plan tiles → predict → blend → write, as one library call.
 
 This module validates everything up front (so bad input fails in a second with one clear line,
-before any output exists), lays out the output OME-Zarr, and hands the block graph to
+before any output exists), takes the output's lock (one writer per output), lays out the output
+OME-Zarr (or picks up a stopped run's, with ``resume``), and hands the unfinished blocks to
 :mod:`tilesegment.executor`. The output is a label image (``image-label`` metadata, nearest-
 neighbour pyramid) at the group's root, and optionally the class probabilities under
-``probabilities/``. The root's ``tilesegment.status`` attribute reads ``running`` until the last
-chunk and pyramid level are written, then ``complete``.
+``probabilities/``. Until the last chunk and pyramid level are written it is marked
+``incomplete`` and has no OME metadata (see :mod:`tilesegment.output`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -20,13 +22,15 @@ from typing import Any, Callable, Sequence
 from . import __version__
 from .blocks import BlockJob
 from .blending import BLEND_MODES
-from .errors import InputError, OptionError, OutputError
+from .errors import InputError, OptionError
 from .geometry import Shape, shape_option
-from .ome import image_label, multiscales, ome_attrs
+from .journal import BlockJournal
+from .lock import OutputLock
+from .output import CONTINUE, CREATE, FINISHED, OutputLayout, check_same_run, create_output, decide, finish_output, output_state
 from .plan import BlockPlan
 from .pyramid import auto_levels, build_level_region, level_regions, level_shapes
 from .volume import VolumeSource, intensity_statistics, open_volume
-from .zarr_io import ArraySpec, create_array, create_group, output_spec, update_attrs, write_unit
+from .zarr_io import output_spec, write_unit
 
 __all__ = ["segment", "RunReport", "PROBABILITY_DTYPES", "VOXEL_SIZE_TOLERANCE"]
 
@@ -56,9 +60,7 @@ class RunReport:
         return self.tiles_forwarded / self.seconds if self.seconds > 0 else 0.0
 
 
-def _check_paths(input_path: str, output: str, overwrite: bool) -> None:
-    if os.path.exists(output) and not overwrite:
-        raise OutputError(f"{output} already exists.", "Choose another output path, or pass --overwrite to replace it.")
+def _check_paths(input_path: str, output: str) -> None:
     src, dst = os.path.realpath(input_path), os.path.realpath(output)
     if dst == src or dst.startswith(src.rstrip(os.sep) + os.sep):
         raise OptionError(f"output {output} is inside the input {input_path}.", "Write the output somewhere else; tileseg never modifies its input.")
@@ -108,6 +110,7 @@ def segment(
     probabilities: bool = False,
     probability_dtype: str = "float16",
     overwrite: bool = False,
+    resume: bool = False,
     ignore_voxel_size: bool = False,
     threads: int | None = None,
     client: Any = None,
@@ -116,8 +119,10 @@ def segment(
 ) -> RunReport:
     """Segment the tomogram at ``input_path`` into the OME-Zarr label image ``output``.
 
-    ``progress(n)`` is called as tiles are forwarded; ``on_start(plan, dashboard_link)`` once the
-    cluster is up. Raises :class:`~tilesegment.errors.TilesegError` subclasses for bad input.
+    ``resume`` finishes a stopped run on ``output`` (same settings), computing only the blocks it
+    had not finished. ``progress(n)`` is called as tiles are forwarded; ``on_start(plan,
+    dashboard_link)`` once the cluster is up. Raises :class:`~tilesegment.errors.TilesegError`
+    subclasses for bad input.
     """
     from .executor import (connect, dashboard_link, default_torch_threads, embedded_worker_count, install_model,
                            map_tasks, predict_resources, run_blocks)
@@ -125,82 +130,95 @@ def segment(
     from .predict import model_key, resolve_device
 
     started = time.perf_counter()
-    input_path, output = os.fspath(input_path), os.fspath(output)
+    input_path, output = os.fspath(input_path), os.path.normpath(os.fspath(output))
     if blend not in BLEND_MODES:
         raise OptionError(f"--blend {blend!r} is not a blending mode.", f"Use one of: {', '.join(BLEND_MODES)}.")
     if batch < 1:
         raise OptionError(f"--batch {batch} must be at least 1.", "Use --batch 1 or more (4-16 on a GPU).")
+    if probability_dtype not in PROBABILITY_DTYPES:
+        raise OptionError(f"--probability-dtype {probability_dtype} is not supported.", f"Use one of: {', '.join(PROBABILITY_DTYPES)}.")
     spec = output_spec(ngff, chunk, shard)
     tile_shape = shape_option(tile, "--tile")
     block_shape = shape_option(block, "--block") if block is not None else None
     if scheduler is None and client is None:
         resolve_device(device)  # an embedded cluster's GPU is this machine's
-    _check_paths(input_path, output, overwrite)
+    _check_paths(input_path, output)
+    decide(output, output_state(output), resume, overwrite)  # fail fast; decided again under the lock
 
     source = open_volume(input_path)
     checkpoint = read_checkpoint(model)
     _, config = load_checkpoint(checkpoint, "cpu", name=model or "the default model")
     _check_tile(tile_shape, config.size_multiple, config.architecture)
     _check_voxel_size(source, config.voxel_size, ignore_voxel_size)
-    normalization = intensity_statistics(source) if config.normalization == "zscore" else None
-
     plan = BlockPlan.create(source.shape, tile_shape, overlap, write_unit(spec), block_shape)
     n_levels = levels or auto_levels(source.shape)
-    shapes = level_shapes(source.shape, n_levels)
-    voxel = source.voxel_size or (config.voxel_size,) * 3
+    layout = OutputLayout(ngff, spec, level_shapes(source.shape, n_levels), source.voxel_size or (config.voxel_size,) * 3,
+                          _label_names(config), "uint8" if len(config.class_names) <= 255 else "uint16", config.out_channels,
+                          probability_dtype if probabilities else None)
+    # what decides the output's bytes: a resumed run must repeat all of it
+    run = {"input": os.path.abspath(source.path), "shape": list(source.shape), "model_sha256": hashlib.sha256(checkpoint).hexdigest(),
+           "tile": list(tile_shape), "overlap": overlap, "blend": blend, "block": list(plan.block), "chunk": list(spec.chunk),
+           "shard": list(spec.shard) if spec.shard else None, "ngff": ngff, "levels": n_levels,
+           "probabilities": layout.probability_dtype}
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with OutputLock(output):
+        action = decide(output, output_state(output), resume, overwrite)
+        if action == CREATE:
+            normalization = intensity_statistics(source) if config.normalization == "zscore" else None
+            info = {"version": __version__, "input": source.path, "origin_angstrom": list(source.origin), "run": run,
+                    "settings": {"batch": batch, "model": model or "default", "architecture": config.architecture,
+                                 "model_voxel_size": config.voxel_size},
+                    "normalization": list(normalization) if normalization else None,
+                    "tiles": plan.grid.count, "blocks": plan.block_count}
+        else:  # the first run's statistics, exactly: a resumed run must give the same bytes
+            info = check_same_run(output, run)
+            normalization = tuple(info["normalization"]) if info.get("normalization") else None
+        journal = BlockJournal(output)
+        if action == FINISHED:
+            journal.remove()  # left over if the finishing run was stopped right after marking complete
+            return RunReport(output, source.shape, 0, plan.grid.count, plan.block_count, int(info.get("foreground_voxels", 0)),
+                             time.perf_counter() - started, _label_names(config), None, {"already_complete": True})
+        job = BlockJob(
+            source=source, plan=plan, model_key=model_key(checkpoint, device), channels=config.out_channels, batch_size=batch,
+            blend=blend, normalization=normalization, label_rule="argmax" if config.output == "softmax" else "threshold",
+            labels_path=f"{output}/0", label_dtype=layout.label_dtype, journal=journal,
+            probabilities_path=f"{output}/probabilities/0" if probabilities else None, probability_dtype=probability_dtype,
+        )
+        embedded = client is None and scheduler is None
+        if embedded and threads is None:  # share this machine's cores among the embedded workers
+            threads = max(1, default_torch_threads() // (workers or embedded_worker_count(device)))
+        with (connect(scheduler, workers, device) if client is None else contextlib.nullcontext(client)) as active:
+            link = dashboard_link(active)
+            if on_start:
+                on_start(plan, link)
+            install_model(active, job.model_key, checkpoint, device, threads)
+            # the output exists only once input, model and cluster are known to be usable
+            if action == CREATE:
+                create_output(output, layout, info, overwrite)
+            done = set(journal.done()) if action == CONTINUE else set()
+            if progress and done:
+                progress(sum(plan.tile_count(index) for index in done))
+            results = run_blocks(active, job, predict_resources(device, embedded), on_tiles=progress, done=done)
+            _build_pyramid(active, map_tasks, output, layout, spec)
+        forwarded = sum(r.tiles_forwarded for r in results)
+        foreground = sum(r.foreground_voxels for r in results) + sum((journal.counts(i) or (0, 0, 0))[2] for i in done)
+        seconds = time.perf_counter() - started
+        finish_output(output, layout, {**info, "tiles_forwarded": forwarded, "foreground_voxels": foreground,
+                                       "seconds": round(seconds, 3), "resumed_blocks": len(done)})
+        journal.remove()
+    return RunReport(output, source.shape, forwarded, plan.grid.count, plan.block_count, foreground, seconds,
+                     _label_names(config), link, {"resumed_blocks": len(done)})
 
-    settings = {"tile": list(tile_shape), "overlap": overlap, "blend": blend, "block": list(plan.block), "batch": batch,
-                "model": model or "default", "architecture": config.architecture, "model_voxel_size": config.voxel_size}
-    info = {"version": __version__, "status": "running", "input": source.path, "settings": settings,
-            "tiles": plan.grid.count, "blocks": plan.block_count}
-    job = BlockJob(
-        source=source, plan=plan, model_key=model_key(checkpoint, device), channels=config.out_channels, batch_size=batch,
-        blend=blend, normalization=normalization, label_rule="argmax" if config.output == "softmax" else "threshold",
-        labels_path=f"{output}/0", label_dtype="uint8" if len(config.class_names) <= 255 else "uint16",
-        probabilities_path=f"{output}/probabilities/0" if probabilities else None, probability_dtype=probability_dtype,
-    )
-    embedded = client is None and scheduler is None
-    if embedded and threads is None:  # share this machine's cores among the embedded workers
-        threads = max(1, default_torch_threads() // (workers or embedded_worker_count(device)))
-    with (connect(scheduler, workers, device) if client is None else contextlib.nullcontext(client)) as active:
-        link = dashboard_link(active)
-        if on_start:
-            on_start(plan, link)
-        install_model(active, job.model_key, checkpoint, device, threads)
-        # the output exists only once input, model and cluster are known to be usable
-        _create_output(output, job, info, ngff, spec, shapes, voxel, _label_names(config), overwrite)
-        results = run_blocks(active, job, predict_resources(device, embedded), on_tiles=progress)
-        for level in range(1, n_levels):
-            for prefix, method in ((f"{output}/", "nearest"), *(((f"{output}/probabilities/", "mean"),) if probabilities else ())):
-                src, dst = f"{prefix}{level - 1}", f"{prefix}{level}"
-                tasks = [(src, dst, box, shapes[level - 1], method) for box in level_regions(shapes[level], write_unit(spec))]
-                map_tasks(active, build_level_region, tasks)
-    forwarded = sum(r.tiles_forwarded for r in results)
-    seconds = time.perf_counter() - started
-    update_attrs(output, {"tilesegment": {**info, "status": "complete", "tiles_forwarded": forwarded, "seconds": round(seconds, 3)}})
-    return RunReport(output, source.shape, forwarded, plan.grid.count, plan.block_count,
-                     sum(r.foreground_voxels for r in results), seconds, _label_names(config), link)
+
+def _build_pyramid(client: Any, map_tasks: Callable[..., Any], output: str, layout: OutputLayout, spec: Any) -> None:
+    """Every coarser level from the one above it: labels by nearest neighbour, probabilities by mean."""
+    for level in range(1, len(layout.shapes)):
+        prefixes = [(f"{output}/", "nearest")] + ([(f"{output}/probabilities/", "mean")] if layout.probability_dtype else [])
+        for prefix, method in prefixes:
+            src, dst = f"{prefix}{level - 1}", f"{prefix}{level}"
+            tasks = [(src, dst, box, layout.shapes[level - 1], method) for box in level_regions(layout.shapes[level], write_unit(spec))]
+            map_tasks(client, build_level_region, tasks)
 
 
 def _label_names(config: Any) -> tuple[str, ...]:
     return tuple(config.class_names) if config.out_channels > 1 else ("background", config.class_names[-1])
-
-
-def _create_output(output: str, job: BlockJob, info: dict[str, Any], ngff: str, spec: ArraySpec, shapes: list[Shape],
-                   voxel: Sequence[float], class_names: tuple[str, ...], overwrite: bool) -> None:
-    """Lay out the output OME-Zarr: every level of labels (and probabilities), metadata, status ``running``."""
-    group = create_group(output, ngff, overwrite=overwrite)
-    paths = [str(i) for i in range(len(shapes))]
-    factors = [2**i for i in range(len(shapes))]
-    for path, shape in zip(paths, shapes):
-        create_array(group, path, shape, job.label_dtype, spec)
-    if job.probabilities_path:
-        prob_group = group.create_group("probabilities")
-        for path, shape in zip(paths, shapes):
-            create_array(prob_group, path, shape, job.probability_dtype, spec, channels=job.channels)
-        prob_group.attrs.update(ome_attrs(ngff, multiscales=[multiscales("probabilities", paths, voxel, factors, ngff, channel=True)]))
-    group.attrs.update({
-        **ome_attrs(ngff, multiscales=[multiscales("segmentation", paths, voxel, factors, ngff, method="nearest")],
-                    **{"image-label": image_label(class_names, ngff)}),
-        "tilesegment": info,
-    })

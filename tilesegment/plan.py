@@ -11,14 +11,14 @@ Stitching strategy (see ``shared/DESIGN.md``): **one-directional spill, finalise
   weighted sums of a block's tiles land in its own region plus a thin shell on its high side: a face,
   edge or corner piece of each of its 7 upper neighbours (``offset`` in ``{0,1}³``).
 * One task per block forwards its tiles, adds the spill pieces of its (up to 7) lower neighbours,
-  normalises and writes every chunk of its region once, and hands its own spill pieces on. Blocks
-  form a wavefront (a block runs once its lower neighbours have); tasks run in raster order, so only
-  thin spill pieces, never whole blocks, wait in memory for a neighbour. (A split into a predict and
+  normalises and writes every chunk of its region once, and hands its own spill pieces on (through
+  the run's journal on disk). Blocks form a wavefront (a block runs once its lower neighbours have);
+  tasks run in raster order, so only thin spill pieces, never whole blocks, wait for a neighbour. (A split into a predict and
   a finalise task per block was measured and dropped: a block's whole accumulator then waited for
   its finaliser whenever worker threads were busy.)
 
 Each tile is forwarded once, each chunk written once by one task, and memory per task is bounded by
-the block size; what waits between tasks is spill faces, about one plane of blocks' worth.
+the block size; what waits between tasks is spill faces, about one plane of blocks' worth, on disk.
 """
 
 from __future__ import annotations

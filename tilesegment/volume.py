@@ -6,6 +6,7 @@ so no array ever travels through the task graph.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -40,6 +41,12 @@ class VolumeSource:
     @property
     def kind(self) -> str:
         return "mrc" if self.mrc else "zarr"
+
+    @property
+    def origin(self) -> tuple[float, float, float]:
+        """(z, y, x) origin in Å, from the MRC header (or what 'tileseg convert' kept of it)."""
+        origin = self.mrc.origin if self.mrc else self.zarr.origin if self.zarr else (0.0, 0.0, 0.0)
+        return tuple(float(v) if math.isfinite(v) else 0.0 for v in origin)  # type: ignore[return-value]
 
 
 def open_volume(path: str | os.PathLike) -> VolumeSource:

@@ -32,6 +32,7 @@ __all__ = [
     "write_region",
     "describe_zarr_input",
     "update_attrs",
+    "read_attrs",
     "write_unit",
     "output_spec",
 ]
@@ -113,6 +114,14 @@ def update_attrs(path: str, attrs: dict[str, Any]) -> None:
     zarr.open_group(path, mode="r+").attrs.update(attrs)
 
 
+def read_attrs(path: str) -> dict[str, Any]:
+    """The root attributes of the group at ``path`` (``{}`` if there is no readable group)."""
+    try:
+        return dict(zarr.open_group(path, mode="r").attrs)
+    except Exception:
+        return {}
+
+
 def read_region(path: str, box: Box) -> np.ndarray:
     """Read ``box`` of the (z, y, x) or (c, z, y, x) array at ``path``."""
     array = zarr.open_array(path, mode="r")
@@ -134,6 +143,7 @@ class ZarrInput:
     dtype: str
     voxel_size: tuple[float, float, float] | None
     levels: tuple[str, ...]  # all pyramid levels (finest first) when the input is an OME-Zarr group
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)  # (z, y, x) Å, as 'tileseg convert' kept it from the MRC
 
 
 _UNIT_TO_ANGSTROM = {"angstrom": 1.0, "nanometer": 10.0, "micrometer": 1e4, "picometer": 0.01}
@@ -157,7 +167,7 @@ def describe_zarr_input(path: str) -> ZarrInput:
         raise InputError(f"{path}: not a readable Zarr store ({type(exc).__name__}: {exc}).",
                          "Give an .mrc file, a Zarr array, or an OME-Zarr group (e.g. from 'tileseg convert').") from None
     if isinstance(node, zarr.Array):
-        array, array_path, levels, voxel = node, path, (path,), None
+        array, array_path, levels, voxel, origin = node, path, (path,), None, (0.0, 0.0, 0.0)
         parent = os.path.dirname(path.rstrip("/"))
         if parent and os.path.exists(parent):
             try:
@@ -179,9 +189,18 @@ def describe_zarr_input(path: str) -> ZarrInput:
         array_path = levels[0]
         array = node[names[0]]
         voxel = _voxel_size(ome, array.ndim)
+        origin = _recorded_origin(dict(node.attrs))
     if array.ndim != 3:
         raise InputError(f"{path}: array has {array.ndim} dimensions {array.shape}; tileseg needs a 3D (z, y, x) volume.",
                          "Select one channel/time point first, or point INPUT at a 3D array.")
     if array.dtype.kind not in "iuf":
         raise InputError(f"{path}: array dtype {array.dtype} is not numeric.", "Give an integer or float volume.")
-    return ZarrInput(array_path, tuple(int(n) for n in array.shape), array.dtype.str, voxel, levels)  # type: ignore[arg-type]
+    return ZarrInput(array_path, tuple(int(n) for n in array.shape), array.dtype.str, voxel, levels, origin)  # type: ignore[arg-type]
+
+
+def _recorded_origin(attrs: dict[str, Any]) -> tuple[float, float, float]:
+    try:
+        z, y, x = (float(v) for v in attrs["tilesegment"]["origin_angstrom"])
+        return (z, y, x)
+    except (KeyError, TypeError, ValueError):
+        return (0.0, 0.0, 0.0)

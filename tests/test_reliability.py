@@ -1,0 +1,272 @@
+"""Crashes, lost workers, second writers: the output is finished correctly or refused, never mixed.
+
+Resume and worker-loss tests compare against an undisturbed run of the same settings."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import zarr
+
+from tilesegment.blocks import process_block
+from tilesegment.errors import OptionError, OutputError
+from tilesegment.journal import BlockJournal
+from tilesegment.lock import OutputLock, lock_holder, lock_path
+from tilesegment.output import describe_output
+from tilesegment.pipeline import segment
+
+from .conftest import random_volume, write_mrc
+from .test_cli import TILESEG, assert_one_line_error, tileseg
+from .test_cluster import dask_cluster
+
+SETTINGS = dict(tile=16, chunk=8, block=16, probabilities=True, probability_dtype="float32")
+
+
+def arrays(path: str) -> tuple[np.ndarray, np.ndarray]:
+    group = zarr.open_group(path, mode="r")
+    return np.asarray(group["0"][:]), np.asarray(group["probabilities/0"][:])
+
+
+def assert_same_output(path: str, reference: str, exact: bool = True) -> None:
+    (labels, probs), (ref_labels, ref_probs) = arrays(path), arrays(reference)
+    np.testing.assert_array_equal(labels, ref_labels)
+    if exact:
+        np.testing.assert_array_equal(probs, ref_probs)
+    else:  # another process tree may use other thread counts: float sums in another order
+        np.testing.assert_allclose(probs, ref_probs, atol=1e-6)
+    group = zarr.open_group(path, mode="r")
+    assert group.attrs["tilesegment"]["status"] == "complete" and "multiscales" in group.attrs
+    assert not os.path.exists(os.path.join(path, ".tilesegment-journal")) and not os.path.exists(lock_path(path))
+
+
+def sha256(path: str) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def chunk_hashes(array: str) -> dict[str, str]:
+    return {os.path.join(root, name): sha256(os.path.join(root, name))
+            for root, _, names in os.walk(array) for name in names if not name.startswith(".")}
+
+
+@pytest.fixture
+def tomogram(tmp_path):
+    return write_mrc(tmp_path / "tomo.mrc", random_volume((48, 40, 44), seed=5))
+
+
+@pytest.fixture
+def reference(tmp_path, tomogram, small_net, client):
+    out = str(tmp_path / "reference.zarr")
+    segment(tomogram, out, model=small_net, client=client, **SETTINGS)
+    return out
+
+
+# ---- the journal and the lock -------------------------------------------------------------------
+
+def test_journal_records_counts_and_pieces_atomically(tmp_path):
+    journal = BlockJournal(str(tmp_path / "out.zarr"))
+    assert journal.counts((0, 1, 2)) is None and list(journal.done()) == []
+    piece = np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2)
+    journal.record((0, 1, 2), (5, 100, 7), {(1, 0, 0): piece})
+    journal.record((3, 0, 0), (0, 8, 0), {})
+    assert journal.counts((0, 1, 2)) == (5, 100, 7)
+    np.testing.assert_array_equal(journal.piece((0, 1, 2), (1, 0, 0)), piece)
+    assert sorted(journal.done()) == [(0, 1, 2), (3, 0, 0)]
+    assert not [n for n in os.listdir(journal.directory) if n.endswith(".partial")]
+    journal.remove()
+    assert list(journal.done()) == []
+
+
+def test_a_second_writer_is_refused_and_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    out = str(tmp_path / "seg.zarr")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from tilesegment.lock import OutputLock\n"
+                               f"lock = OutputLock({out!r}); lock.acquire(); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert lock_holder(out)["pid"] == holder.pid
+        with pytest.raises(OutputError, match=f"pid {holder.pid}"):
+            OutputLock(out).acquire()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert lock_holder(out) is None  # the kernel dropped the dead process's lock
+    with OutputLock(out):
+        assert lock_holder(out)["pid"] == os.getpid()
+    assert not os.path.exists(lock_path(out))
+
+
+def test_tileseg_run_refuses_an_output_another_run_is_writing(tmp_path, tomogram, identity_model):
+    out = str(tmp_path / "seg.zarr")
+    with OutputLock(out):
+        result = tileseg("run", tomogram, out, "--model", identity_model, "--tile", "16")
+    assert_one_line_error(result, 5, "being written by another tileseg run", f"pid {os.getpid()}")
+    assert not os.path.exists(out)
+
+
+# ---- what a run does with what is already at OUTPUT ---------------------------------------------
+
+def test_block_written_twice_gives_the_same_bytes(tmp_path, tomogram, small_net, client, reference, monkeypatch):
+    """A retried or speculative block re-writes identical chunk files (and journal entry)."""
+    from tilesegment import pipeline
+
+    out = str(tmp_path / "twice.zarr")
+    jobs = []
+    original = pipeline.BlockJob
+    monkeypatch.setattr(pipeline, "BlockJob", lambda *a, **k: jobs.append(original(*a, **k)) or jobs[-1])
+    segment(tomogram, out, model=small_net, client=client, **SETTINGS)
+    job = jobs[0]
+    chunks = chunk_hashes(os.path.join(out, "0"))
+    index = job.plan.sweep()[0]
+    assert job.journal.counts(index) is None  # the finished run removed its journal
+    result = process_block(job, index)  # with no neighbours' pieces needed for the first block
+    assert job.journal.counts(index) == (result.tiles_forwarded, result.voxels_written, result.foreground_voxels)
+    assert chunk_hashes(os.path.join(out, "0")) == chunks
+    job.journal.remove()
+    assert_same_output(out, reference)
+
+
+def test_a_failed_run_is_incomplete_refused_and_resumed_to_the_same_output(tmp_path, small_net, client, reference, tomogram,
+                                                                           monkeypatch):
+    """A run stopped by a read error in its last blocks keeps its finished blocks; once storage is
+    back, --resume computes only the rest and the output equals an undisturbed run's."""
+    from tilesegment import blocks
+
+    src, out = tomogram, str(tmp_path / "seg.zarr")
+    read = blocks.read_volume
+
+    def failing_storage(source, box):  # the blocks at the far end of z cannot be read
+        if box.stop[0] >= 48:
+            raise OSError("injected: storage went away")
+        return read(source, box)
+
+    monkeypatch.setattr(blocks, "read_volume", failing_storage)
+    with pytest.raises(OSError, match="injected"):
+        segment(src, out, model=small_net, client=client, **SETTINGS)
+    monkeypatch.setattr(blocks, "read_volume", read)
+    done = set(BlockJournal(out).done())
+    status = describe_output(out)
+    assert not status.complete and status.blocks_done == len(done) and 0 < len(done) < status.blocks
+    assert "--resume" in status.describe() and zarr.open_group(out).attrs["tilesegment"]["status"] == "incomplete"
+    assert "multiscales" not in zarr.open_group(out).attrs  # viewers do not take it for a finished mask
+    with pytest.raises(OutputError, match="--resume.*--overwrite"):
+        segment(src, out, model=small_net, client=client, **SETTINGS)
+    with pytest.raises(OptionError, match="tile"):
+        segment(src, out, model=small_net, client=client, resume=True, **{**SETTINGS, "tile": 8})
+    report = segment(src, out, model=small_net, client=client, resume=True, **SETTINGS)
+    from tilesegment.plan import BlockPlan
+
+    plan = BlockPlan.create((48, 40, 44), (16,) * 3, 0.25, (8,) * 3, (16,) * 3)
+    assert report.extra["resumed_blocks"] == len(done)
+    assert report.tiles_forwarded == sum(plan.tile_count(i) for i in plan.indices() if i not in done)
+    assert_same_output(out, reference)
+    assert describe_output(out).complete
+    again = segment(src, out, model=small_net, client=client, resume=True, **SETTINGS)
+    assert again.extra["already_complete"] and again.tiles_forwarded == 0
+    with pytest.raises(OutputError, match="already exists"):
+        segment(src, out, model=small_net, client=client, **SETTINGS)
+
+
+def test_input_is_never_modified(tmp_path, tomogram, identity_model, client):
+    before = sha256(tomogram)
+    segment(tomogram, str(tmp_path / "a.zarr"), model=identity_model, tile=16, client=client)
+    assert sha256(tomogram) == before
+
+
+def test_status_command_and_resume_flags(tmp_path, tomogram, reference):
+    result = tileseg("status", reference)
+    assert result.returncode == 0 and "complete" in result.stdout
+    assert_one_line_error(tileseg("status", str(tmp_path / "nothing.zarr")), 3, "no such file")
+    assert_one_line_error(tileseg("run", tomogram, reference, "--resume", "--overwrite"), 2, "--resume")
+
+
+# ---- real crashes ------------------------------------------------------------------------------
+
+def wait_for_blocks(out: str, count: int, proc: subprocess.Popen | None = None, timeout: float = 120) -> int:
+    journal, deadline = BlockJournal(out), time.time() + timeout
+    while time.time() < deadline:
+        done = len(list(journal.done()))
+        if done >= count:
+            return done
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the run ended before {count} blocks were done: {proc.stderr.read() if proc.stderr else ''}")
+        time.sleep(0.02)
+    raise AssertionError(f"fewer than {count} blocks done after {timeout} s")
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_of_the_whole_run(tmp_path, small_net, client):
+    volume = random_volume((80, 80, 80), seed=8)
+    src = write_mrc(tmp_path / "big.mrc", volume)
+    out = str(tmp_path / "seg.zarr")
+    options = ["--model", small_net, "--tile", "16", "--chunk", "8", "--block", "16", "--probabilities", "--probability-dtype", "float32"]
+    proc = subprocess.Popen([*TILESEG, "run", src, out, *options], env={**os.environ, "CI": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for_blocks(out, 5, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI, its embedded scheduler and workers: no clean-up runs
+    proc.wait()
+    done = set(BlockJournal(out).done())
+    total = 5**3
+    assert 5 <= len(done) < total, "the run finished before it was killed; make the volume bigger"
+    result = tileseg("status", out)
+    assert result.returncode == 1 and "incomplete" in result.stdout and "--resume" in result.stdout
+    assert_one_line_error(tileseg("run", src, out, *options), 5, "--resume", "--overwrite")
+    result = tileseg("run", src, out, *options, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert f"resumed: {len(done)} of {total} blocks" in result.stdout
+    reference = str(tmp_path / "reference.zarr")
+    assert tileseg("run", src, reference, *options).returncode == 0
+    assert_same_output(out, reference)
+
+
+@pytest.mark.slow
+def test_losing_an_embedded_worker_mid_run_changes_nothing(tmp_path, small_net):
+    from distributed import Client, LocalCluster
+
+    volume = random_volume((80, 80, 80), seed=9)
+    src = write_mrc(tmp_path / "big.mrc", volume)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, resources={"MODEL": 1}, dashboard_address=":0") as cluster, \
+            Client(cluster) as cl:
+        reference = str(tmp_path / "reference.zarr")
+        segment(src, reference, model=small_net, client=cl, **SETTINGS)
+        out = str(tmp_path / "seg.zarr")
+        victim = next(iter(cl.run(os.getpid).values()))
+        killed = {}
+
+        def kill_one() -> None:
+            killed["at"] = wait_for_blocks(out, 10)
+            os.kill(victim, signal.SIGKILL)  # the nanny starts a new worker; its blocks are re-run
+
+        killer = threading.Thread(target=kill_one)
+        killer.start()
+        report = segment(src, out, model=small_net, client=cl, **SETTINGS)
+        killer.join()
+    assert killed["at"] < report.blocks, "the run finished before the worker was killed"
+    assert report.tiles_forwarded == report.tile_count
+    assert_same_output(out, reference)
+
+
+@pytest.mark.slow
+def test_losing_a_real_dask_worker_mid_run_changes_nothing(tmp_path, small_net, client):
+    volume = random_volume((80, 80, 80), seed=10)
+    src = write_mrc(tmp_path / "big.mrc", volume)
+    reference = str(tmp_path / "reference.zarr")
+    segment(src, reference, model=small_net, client=client, **SETTINGS)
+    out = str(tmp_path / "seg.zarr")
+    options = ["--model", small_net, "--tile", "16", "--chunk", "8", "--block", "16", "--probabilities", "--probability-dtype", "float32"]
+    with dask_cluster(tmp_path, workers=2, nanny=False) as (address, _, workers):
+        proc = subprocess.Popen([*TILESEG, "run", src, out, *options, "--scheduler", address], env={**os.environ, "CI": "1"},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        killed_at = wait_for_blocks(out, 10, proc)
+        workers[0].kill()  # gone for good: the other worker finishes the job
+        stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert killed_at < 5**3
+    assert_same_output(out, reference, exact=False)
