@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-__all__ = ["NGFF_VERSIONS", "zarr_format_for", "multiscales", "image_label", "ome_attrs", "read_ome_attrs", "LABEL_COLORS"]
+__all__ = ["NGFF_VERSIONS", "zarr_format_for", "multiscales", "image_label", "ome_attrs", "read_ome_attrs", "LABEL_COLORS",
+           "UNIT_TO_ANGSTROM", "dataset_voxel_sizes", "label_classes", "label_colors"]
 
 NGFF_VERSIONS = ("0.4", "0.5")
 
@@ -81,3 +82,40 @@ def ome_attrs(ngff: str, **entries: Any) -> dict[str, Any]:
 def read_ome_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
     """The OME entries of a group's attributes, whichever version wrote them."""
     return dict(attrs.get("ome", attrs))
+
+
+UNIT_TO_ANGSTROM = {"angstrom": 1.0, "nanometer": 10.0, "micrometer": 1e4, "picometer": 0.01}
+
+
+def dataset_voxel_sizes(entry: dict[str, Any]) -> list[tuple[float, float, float]]:
+    """Å per voxel (z, y, x) of every dataset of one ``multiscales`` entry, from its scale and axis units.
+
+    Raises ``KeyError``/``ValueError`` for an entry that has no usable scale; callers say which file.
+    """
+    units = [a.get("unit") or "angstrom" for a in entry.get("axes", [])][-3:] or ["angstrom"] * 3
+    sizes = []
+    for dataset in entry["datasets"]:
+        scale = next(t["scale"] for t in dataset["coordinateTransformations"] if t["type"] == "scale")
+        if len(scale) < 3 or any(u not in UNIT_TO_ANGSTROM for u in units):
+            raise ValueError(f"unusable scale {scale} with units {units}")
+        sizes.append(tuple(float(s) * UNIT_TO_ANGSTROM[u] for s, u in zip(scale[-3:], units)))
+    return sizes  # type: ignore[return-value]
+
+
+def label_classes(entry: dict[str, Any]) -> dict[int, str]:
+    """Label value -> class name from ``image-label`` properties (those without a name are left out)."""
+    names = {}
+    for item in entry.get("properties") or []:
+        if "label-value" in item and isinstance(item.get("class"), str):
+            names[int(item["label-value"])] = item["class"]
+    return names
+
+
+def label_colors(entry: dict[str, Any]) -> dict[int, tuple[int, int, int, int]]:
+    """Label value -> RGBA (0-255) from ``image-label`` colors."""
+    colors = {}
+    for item in entry.get("colors") or []:
+        rgba = item.get("rgba")
+        if "label-value" in item and isinstance(rgba, (list, tuple)) and len(rgba) == 4:
+            colors[int(item["label-value"])] = tuple(int(c) for c in rgba)
+    return colors  # type: ignore[return-value]

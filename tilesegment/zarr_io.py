@@ -20,7 +20,7 @@ from zarr.codecs import BloscCodec
 
 from .errors import InputError, OptionError, OutputError
 from .geometry import Box, Shape, ceil_div, shape_option
-from .ome import read_ome_attrs, zarr_format_for
+from .ome import dataset_voxel_sizes, read_ome_attrs, zarr_format_for
 
 __all__ = [
     "ArraySpec",
@@ -146,15 +146,9 @@ class ZarrInput:
     origin: tuple[float, float, float] = (0.0, 0.0, 0.0)  # (z, y, x) Å, as 'tileseg convert' kept it from the MRC
 
 
-_UNIT_TO_ANGSTROM = {"angstrom": 1.0, "nanometer": 10.0, "micrometer": 1e4, "picometer": 0.01}
-
-
 def _voxel_size(ome: dict[str, Any], axes_count: int) -> tuple[float, float, float] | None:
     try:
-        ms = ome["multiscales"][0]
-        scale = next(t["scale"] for t in ms["datasets"][0]["coordinateTransformations"] if t["type"] == "scale")
-        units = [a.get("unit", "angstrom") for a in ms.get("axes", [])][-3:] or ["angstrom"] * 3
-        return tuple(float(s) * _UNIT_TO_ANGSTROM.get(u, 1.0) for s, u in zip(scale[-3:], units))  # type: ignore[return-value]
+        return dataset_voxel_sizes(ome["multiscales"][0])[0]
     except (KeyError, IndexError, StopIteration, TypeError, ValueError):
         return None
 
