@@ -6,9 +6,13 @@
   (workers started later get it too); tasks carry only the model's key.
 * The graph has one ``block`` task per unfinished block (see :mod:`tilesegment.blocks`), which
   depends on its unfinished lower neighbours (whose spill pieces it reads from the run's journal),
-  with falling priority in sweep order so the workers go through the volume plane by plane. Block
-  tasks ask for a ``GPU`` resource on GPU runs (``dask worker --resources GPU=1``) and for ``MODEL``
-  on the embedded CPU cluster, so one block at a time runs the network per worker.
+  with falling priority in sweep order so the workers go through the volume plane by plane. A worker
+  runs two blocks at once (two threads): while one block's tiles are on the network, the other reads
+  its input or blends and writes its output; the predictor lets one forward at a time use the
+  device. On GPU runs block tasks ask for half a ``GPU`` resource (``dask worker --nthreads 2
+  --resources GPU=1``), so they go only to GPU workers, two at a time.
+* The embedded cluster of one CPU worker runs in this process (threads, no worker process to start
+  and no second copy of PyTorch to import); more workers, or GPUs, get one process each.
 * Lost workers: Dask re-runs the tasks that were on them; a block already in the journal returns
   its recorded result at once, so only the blocks that were running are computed again.
 """
@@ -40,8 +44,8 @@ class ModelPlugin(WorkerPlugin):
 
     name = "tilesegment-model"
 
-    def __init__(self, key: str, data: bytes, device: str, threads: int | None) -> None:
-        self.key, self.data, self.device, self.threads = key, data, device, threads
+    def __init__(self, key: str, data: bytes, device: str, threads: int | None, precision: str = "fp32") -> None:
+        self.key, self.data, self.device, self.threads, self.precision = key, data, device, threads, precision
 
     def setup(self, worker: Any) -> None:
         from .predict import install_predictor
@@ -51,7 +55,7 @@ class ModelPlugin(WorkerPlugin):
             import torch
 
             device = f"cuda:{worker.name % max(1, torch.cuda.device_count())}"
-        install_predictor(self.key, self.data, device, self.threads or default_torch_threads())
+        install_predictor(self.key, self.data, device, self.threads or default_torch_threads(), self.precision)
         set_progress_hook(lambda run, tiles: worker.log_event(PROGRESS_TOPIC, (run, tiles)))
 
 
@@ -74,9 +78,9 @@ def connect(scheduler: str | None, workers: int | None = None, device: str = "cp
             yield client
         return
     n_workers = workers or embedded_worker_count(device)
-    resources = {"GPU": 1} if device.startswith("cuda") else {"MODEL": 1}
+    resources = {"GPU": 1} if device.startswith("cuda") else None
     with dask.config.set({"distributed.worker.daemon": False}):
-        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=n_workers > 1,
                                resources=resources, dashboard_address=":0", silence_logs=logging.ERROR)
     with cluster, Client(cluster) as client:
         yield client
@@ -106,9 +110,9 @@ def dashboard_link(client: Client) -> str | None:
         return None
 
 
-def install_model(client: Client, key: str, data: bytes, device: str, threads: int | None) -> None:
+def install_model(client: Client, key: str, data: bytes, device: str, threads: int | None, precision: str = "fp32") -> None:
     """Register the model plugin and wait until every current worker has loaded the model."""
-    plugin = ModelPlugin(key, data, device, threads)
+    plugin = ModelPlugin(key, data, device, threads, precision)
     try:
         client.register_plugin(plugin, name=f"{ModelPlugin.name}-{key}")
     except Exception as exc:
@@ -123,10 +127,9 @@ def install_model(client: Client, key: str, data: bytes, device: str, threads: i
                            "Check that tilesegment and PyTorch are installed on the workers (same versions as here).") from None
 
 
-def predict_resources(device: str, embedded: bool) -> dict[str, float] | None:
-    if device.startswith("cuda"):
-        return {"GPU": 1}
-    return {"MODEL": 1} if embedded else None
+def predict_resources(device: str) -> dict[str, float] | None:
+    """Half a GPU per block task: two blocks per GPU worker, one on the GPU, one reading or writing."""
+    return {"GPU": 0.5} if device.startswith("cuda") else None
 
 
 def block_graph(job: BlockJob, resources: dict[str, float] | None,

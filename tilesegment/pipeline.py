@@ -111,6 +111,7 @@ def segment(
     probability_dtype: str = "float16",
     overwrite: bool = False,
     resume: bool = False,
+    precision: str = "fp32",
     ignore_voxel_size: bool = False,
     threads: int | None = None,
     client: Any = None,
@@ -127,7 +128,7 @@ def segment(
     from .executor import (connect, dashboard_link, default_torch_threads, embedded_worker_count, install_model,
                            map_tasks, predict_resources, run_blocks)
     from .model import load_checkpoint, read_checkpoint
-    from .predict import model_key, resolve_device
+    from .predict import check_precision, model_key, resolve_device
 
     started = time.perf_counter()
     input_path, output = os.fspath(input_path), os.path.normpath(os.fspath(output))
@@ -137,6 +138,7 @@ def segment(
         raise OptionError(f"--batch {batch} must be at least 1.", "Use --batch 1 or more (4-16 on a GPU).")
     if probability_dtype not in PROBABILITY_DTYPES:
         raise OptionError(f"--probability-dtype {probability_dtype} is not supported.", f"Use one of: {', '.join(PROBABILITY_DTYPES)}.")
+    check_precision(precision, device)
     spec = output_spec(ngff, chunk, shard)
     tile_shape = shape_option(tile, "--tile")
     block_shape = shape_option(block, "--block") if block is not None else None
@@ -159,7 +161,7 @@ def segment(
     run = {"input": os.path.abspath(source.path), "shape": list(source.shape), "model_sha256": hashlib.sha256(checkpoint).hexdigest(),
            "tile": list(tile_shape), "overlap": overlap, "blend": blend, "block": list(plan.block), "chunk": list(spec.chunk),
            "shard": list(spec.shard) if spec.shard else None, "ngff": ngff, "levels": n_levels,
-           "probabilities": layout.probability_dtype}
+           "probabilities": layout.probability_dtype, "precision": precision}
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with OutputLock(output):
         action = decide(output, output_state(output), resume, overwrite)
@@ -179,7 +181,7 @@ def segment(
             return RunReport(output, source.shape, 0, plan.grid.count, plan.block_count, int(info.get("foreground_voxels", 0)),
                              time.perf_counter() - started, _label_names(config), None, {"already_complete": True})
         job = BlockJob(
-            source=source, plan=plan, model_key=model_key(checkpoint, device), channels=config.out_channels, batch_size=batch,
+            source=source, plan=plan, model_key=model_key(checkpoint, device, precision), channels=config.out_channels, batch_size=batch,
             blend=blend, normalization=normalization, label_rule="argmax" if config.output == "softmax" else "threshold",
             labels_path=f"{output}/0", label_dtype=layout.label_dtype, journal=journal,
             probabilities_path=f"{output}/probabilities/0" if probabilities else None, probability_dtype=probability_dtype,
@@ -191,14 +193,14 @@ def segment(
             link = dashboard_link(active)
             if on_start:
                 on_start(plan, link)
-            install_model(active, job.model_key, checkpoint, device, threads)
+            install_model(active, job.model_key, checkpoint, device, threads, precision)
             # the output exists only once input, model and cluster are known to be usable
             if action == CREATE:
                 create_output(output, layout, info, overwrite)
             done = set(journal.done()) if action == CONTINUE else set()
             if progress and done:
                 progress(sum(plan.tile_count(index) for index in done))
-            results = run_blocks(active, job, predict_resources(device, embedded), on_tiles=progress, done=done)
+            results = run_blocks(active, job, predict_resources(device), on_tiles=progress, done=done)
             _build_pyramid(active, map_tasks, output, layout, spec)
         forwarded = sum(r.tiles_forwarded for r in results)
         foreground = sum(r.foreground_voxels for r in results) + sum((journal.counts(i) or (0, 0, 0))[2] for i in done)

@@ -16,14 +16,25 @@ import torch
 from .errors import ClusterError
 from .model import ModelConfig, load_checkpoint
 
-__all__ = ["Predictor", "model_key", "install_predictor", "get_predictor", "resolve_device"]
+__all__ = ["Predictor", "model_key", "install_predictor", "get_predictor", "resolve_device", "PRECISIONS", "check_precision"]
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 _PREDICTORS: dict[str, "Predictor"] = {}
 _LOCK = threading.Lock()
 
 
-def model_key(data: bytes, device: str) -> str:
-    return f"{hashlib.sha256(data).hexdigest()[:16]}-{device}"
+def model_key(data: bytes, device: str, precision: str = "fp32") -> str:
+    return f"{hashlib.sha256(data).hexdigest()[:16]}-{device}" + ("" if precision == "fp32" else f"-{precision}")
+
+
+def check_precision(precision: str, device: str) -> None:
+    from .errors import OptionError
+
+    if precision not in PRECISIONS:
+        raise OptionError(f"--precision {precision!r} is not supported.", f"Use one of: {', '.join(PRECISIONS)}.")
+    if precision == "fp16" and not device.startswith("cuda"):
+        raise OptionError("--precision fp16 needs a GPU (PyTorch has no float16 3D convolutions on the CPU).", "Use --precision bf16 on a CPU, or --device cuda.")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -39,12 +50,19 @@ def resolve_device(device: str) -> torch.device:
 
 
 class Predictor:
-    """A loaded network that turns a batch of tiles into per-class probabilities."""
+    """A loaded network that turns a batch of tiles into per-class probabilities.
 
-    def __init__(self, data: bytes, device: str = "cpu") -> None:
+    One forward at a time per process: a worker runs two block tasks at once so that one reads,
+    blends and writes while the other's tiles are on the network (prefetch and write-behind, with
+    the device never shared by two forwards that would each get half of it).
+    """
+
+    def __init__(self, data: bytes, device: str = "cpu", precision: str = "fp32") -> None:
         self.device = resolve_device(device)
         self.model, self.config = load_checkpoint(data, self.device)
         self._pin = self.device.type == "cuda"
+        self._autocast = PRECISIONS[precision]
+        self._lock = threading.Lock()
 
     @property
     def out_channels(self) -> int:
@@ -56,9 +74,11 @@ class Predictor:
         x = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32))[:, None]
         if self._pin:
             x = x.pin_memory()
-        y = self.model(x.to(self.device, non_blocking=True))
-        y = _activate(y.float(), self.config)
-        return y.cpu().numpy()
+        with self._lock:
+            with torch.autocast(self.device.type, dtype=self._autocast, enabled=self._autocast is not None):
+                y = self.model(x.to(self.device, non_blocking=True))
+            y = _activate(y.float(), self.config)
+            return y.cpu().numpy()
 
 
 def _activate(y: torch.Tensor, config: ModelConfig) -> torch.Tensor:
@@ -69,13 +89,14 @@ def _activate(y: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     return y
 
 
-def install_predictor(key: str, data: bytes, device: str = "cpu", threads: int | None = None) -> Predictor:
+def install_predictor(key: str, data: bytes, device: str = "cpu", threads: int | None = None,
+                      precision: str = "fp32") -> Predictor:
     """Load the model for ``key`` in this process, once."""
     with _LOCK:
         if threads:
             torch.set_num_threads(threads)
         if key not in _PREDICTORS:
-            _PREDICTORS[key] = Predictor(data, device)
+            _PREDICTORS[key] = Predictor(data, device, precision)
         return _PREDICTORS[key]
 
 

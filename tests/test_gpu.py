@@ -1,0 +1,43 @@
+"""The CUDA path: same results as the CPU, reduced precision within bounds. Skipped without a GPU
+(CI never has one); run on a GPU machine with ``python -m pytest tests/test_gpu.py``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from tilesegment.pipeline import segment
+from tilesegment.simulate import SimulationConfig, simulate_volume
+
+from .conftest import write_mrc
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def labels(path: str) -> np.ndarray:
+    return np.asarray(zarr.open_array(f"{path}/0", mode="r")[:])
+
+
+@pytest.fixture(scope="module")
+def tomogram(tmp_path_factory):
+    sim = simulate_volume(SimulationConfig(shape=(96, 96, 96), snr=1.0, seed=4))
+    return write_mrc(tmp_path_factory.mktemp("gpu") / "sim.mrc", sim.tomogram)
+
+
+def test_gpu_run_matches_the_cpu_run(tmp_path, tomogram):
+    cpu = segment(tomogram, str(tmp_path / "cpu.zarr"), probabilities=True, probability_dtype="float32")
+    gpu = segment(tomogram, str(tmp_path / "gpu.zarr"), device="cuda", batch=8, probabilities=True, probability_dtype="float32")
+    assert gpu.tiles_forwarded == gpu.tile_count == cpu.tiles_forwarded
+    a = zarr.open_array(str(tmp_path / "cpu.zarr/probabilities/0"), mode="r")[:]
+    b = zarr.open_array(str(tmp_path / "gpu.zarr/probabilities/0"), mode="r")[:]
+    np.testing.assert_allclose(a, b, atol=1e-3)  # cuDNN and the CPU sum in other orders
+    assert (labels(str(tmp_path / "cpu.zarr")) == labels(str(tmp_path / "gpu.zarr"))).mean() > 0.999
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_on_the_gpu_agrees_with_fp32(tmp_path, tomogram, precision):
+    segment(tomogram, str(tmp_path / "fp32.zarr"), device="cuda", batch=8)
+    segment(tomogram, str(tmp_path / "half.zarr"), device="cuda", batch=8, precision=precision)
+    assert (labels(str(tmp_path / "fp32.zarr")) == labels(str(tmp_path / "half.zarr"))).mean() > 0.99
