@@ -12,7 +12,7 @@ import click
 
 from tilesegment.errors import TilesegError
 
-__all__ = ["handle_errors", "parse_shape", "show_progress", "EXIT_INTERNAL"]
+__all__ = ["handle_errors", "parse_shape", "show_progress", "configure_logging", "echo_json", "EXIT_INTERNAL"]
 
 EXIT_INTERNAL = 70
 
@@ -27,6 +27,27 @@ def parse_shape(value: str | None) -> Any:
     if len(parts) not in (1, 3) or min(parts) < 1:
         raise click.BadParameter(f"{value!r} is not a size; give N or Z,Y,X of positive integers.")
     return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def configure_logging(verbosity: int) -> None:
+    """-1 errors only (-q); 0 warnings; 1 tileseg's info (-v); 2 tileseg's debug and Dask's info (-vv);
+    3 everything (--debug). Dask is chatty: below -vv it only gets to say warnings and errors."""
+    import logging
+
+    ours = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    theirs = logging.ERROR if verbosity < 0 else logging.WARNING if verbosity < 2 else logging.INFO if verbosity == 2 else logging.DEBUG
+    logging.basicConfig(level=min(ours, theirs), format="tileseg: %(levelname)s: %(message)s", force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda r: r.levelno >= (theirs if r.name.startswith(("distributed", "dask", "tornado", "asyncio")) else ours))
+    for name in ("distributed", "dask"):  # LocalCluster sets its own levels; let the filter decide
+        logging.getLogger(name).setLevel(min(ours, theirs))
+
+
+def echo_json(data: Any) -> None:
+    """A machine-readable summary on stdout (``--json``); everything else goes to stderr."""
+    import json
+
+    click.echo(json.dumps(data, indent=2, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
 
 
 def show_progress(quiet: bool) -> bool:
@@ -45,7 +66,7 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(f"tileseg: error: {exc.message}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("tileseg: interrupted.", err=True)
+            click.echo("tileseg: interrupted (a stopped 'tileseg run' can be finished with --resume).", err=True)
             sys.exit(130)
         except Exception as exc:  # a bug: say so, in one line, and how to see more
             if debug:

@@ -4,6 +4,7 @@ unless ``--debug``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from typing import Any, Callable
@@ -12,21 +13,27 @@ import click
 
 from tilesegment import __version__
 
-from .common import handle_errors, parse_shape, show_progress
+from .common import configure_logging, echo_json, handle_errors, parse_shape, show_progress
+
+log = logging.getLogger("tilesegment.cli")
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "TILESEG"})
 @click.version_option(__version__, prog_name="tileseg")
-@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option("-v", "--verbose", count=True, help="More messages: -v what tileseg does, -vv also Dask's.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summaries, errors only.")
+@click.option("--debug", is_flag=True, help="Everything, and tracebacks for errors.")
 @click.pass_context
-def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
-    """Segment macromolecules in whole cryo-ET tomograms with 3D CNNs, tile by tile on Dask."""
-    logging.basicConfig(level=logging.DEBUG if debug else logging.ERROR if quiet else logging.WARNING,
-                        format="tileseg: %(levelname)s: %(message)s")
-    if not debug:  # Dask's own INFO chatter is for --debug only
-        floor = logging.ERROR if quiet else logging.WARNING
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(lambda r: r.levelno >= floor or not r.name.startswith(("distributed", "dask")))
+def main(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
+    """Segment macromolecules in whole cryo-ET tomograms with 3D CNNs, tile by tile on Dask.
+
+    \b
+    Examples:
+      tileseg demo                                  # simulate, segment and score a tomogram
+      tileseg convert tomo.mrc tomo.zarr
+      tileseg run tomo.zarr seg.zarr --device cuda
+      tileseg preview seg.zarr seg.png
+    """
+    configure_logging(-1 if quiet else 3 if debug else verbose)
     ctx.obj = {"quiet": quiet}
 
 
@@ -39,9 +46,11 @@ def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
 @click.option("--shard", default=None, help="Shard shape for --ngff 0.5 (a multiple of --chunk).")
 @click.option("--levels", type=int, default=None, help="Pyramid levels (default: until an axis would be < 16).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary (JSON) on stdout.")
 @click.pass_context
 @handle_errors
-def convert(ctx: click.Context, input_path: str, output: str, ngff: str, chunk: str, shard: str | None, levels: int | None, overwrite: bool) -> None:
+def convert(ctx: click.Context, input_path: str, output: str, ngff: str, chunk: str, shard: str | None, levels: int | None,
+            overwrite: bool, as_json: bool) -> None:
     """Convert an MRC tomogram to a chunked, compressed, multiscale OME-Zarr (streamed).
 
     \b
@@ -57,7 +66,9 @@ def convert(ctx: click.Context, input_path: str, output: str, ngff: str, chunk: 
     with tqdm(total=None, unit="vox", unit_scale=True, disable=not show_progress(quiet), desc="convert") as bar:
         report = run_convert(input_path, output, ngff=ngff, chunk=parse_shape(chunk), shard=parse_shape(shard), levels=levels,
                              overwrite=overwrite, progress=bar.update)
-    if not quiet:
+    if as_json:
+        echo_json(dataclasses.asdict(report))
+    elif not quiet:
         voxel = "unknown voxel size (header has none; recorded as 1 Å)" if report.voxel_size is None else f"{report.voxel_size[-1]:.4g} Å/voxel"
         click.echo(f"wrote {report.output}: {'×'.join(map(str, report.shape))} {report.dtype}, {voxel}, "
                    f"{report.levels} levels, {report.bytes_read / 2**20 / max(report.seconds, 1e-9):.0f} MiB/s")
@@ -90,7 +101,7 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-def run_segmentation(quiet: bool, input_path: str, output: str, **options: Any) -> Any:
+def run_segmentation(quiet: bool, input_path: str, output: str, as_json: bool = False, **options: Any) -> Any:
     from tqdm import tqdm
 
     from tilesegment.pipeline import segment
@@ -100,12 +111,18 @@ def run_segmentation(quiet: bool, input_path: str, output: str, **options: Any) 
     def on_start(plan: Any, link: str | None) -> None:
         bar.total = plan.grid.count
         bar.refresh()
+        log.info("%s: %s voxels, %d tiles of %s in %d blocks of %s", input_path, "×".join(map(str, plan.volume)),
+                 plan.grid.count, "×".join(map(str, plan.grid.tile)), plan.block_count, "×".join(map(str, plan.block)))
         if link and not quiet:
             bar.write(f"Dask dashboard: {link}", file=sys.stderr)
 
     with bar:
         report = segment(input_path, output, progress=bar.update, on_start=on_start, **options)
-    if not quiet and report.extra.get("already_complete"):
+    if as_json:
+        summary = dataclasses.asdict(report)
+        summary.update(summary.pop("extra"), tiles_per_second=round(report.tiles_per_second, 3))
+        echo_json(summary)
+    elif not quiet and report.extra.get("already_complete"):
         click.echo(f"{report.output} is already complete; nothing to do.")
     elif not quiet:
         if report.extra.get("resumed_blocks"):
@@ -121,6 +138,7 @@ def run_segmentation(quiet: bool, input_path: str, output: str, **options: Any) 
 @click.argument("input_path", metavar="INPUT", type=click.Path())
 @click.argument("output", metavar="OUTPUT.zarr", type=click.Path())
 @run_options
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary (JSON) on stdout.")
 @click.pass_context
 @handle_errors
 def run(ctx: click.Context, input_path: str, output: str, tile: str, block: str | None, chunk: str, shard: str | None, **options: Any) -> None:
@@ -138,9 +156,10 @@ def run(ctx: click.Context, input_path: str, output: str, tile: str, block: str 
 
 @main.command()
 @click.argument("output", metavar="OUTPUT.zarr", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON on stdout.")
 @click.pass_context
 @handle_errors
-def status(ctx: click.Context, output: str) -> None:
+def status(ctx: click.Context, output: str, as_json: bool) -> None:
     """Say whether a segmentation output is complete; exit status 0 if it is, 1 if not.
 
     \b
@@ -150,7 +169,9 @@ def status(ctx: click.Context, output: str) -> None:
     from tilesegment.output import describe_output
 
     report = describe_output(output)
-    if not ctx.obj["quiet"]:
+    if as_json:
+        echo_json({**dataclasses.asdict(report), "message": report.describe()})
+    elif not ctx.obj["quiet"]:
         click.echo(report.describe())
     sys.exit(0 if report.complete else 1)
 
@@ -167,6 +188,12 @@ def demo(ctx: click.Context, directory: str, size: int, seed: int, workers: int 
 
     Writes DIRECTORY/simulation/ (tomogram.mrc, labels.mrc, particles.json), DIRECTORY/tomogram.zarr,
     DIRECTORY/segmentation.zarr and DIRECTORY/truth.mrc.
+
+    \b
+    Examples:
+      tileseg demo                       # into ./tileseg-demo
+      tileseg demo mydemo --size 128 --seed 3
+      tileseg preview tileseg-demo/segmentation.zarr demo.png
     """
     from tilesegment.demo import prepare_demo, score_demo
 

@@ -31,9 +31,30 @@ def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *words
 
 def test_version_and_help():
     assert tileseg("--version").stdout.startswith("tileseg, version")
-    for command in ("run", "convert", "demo"):
+    from tilesegment.cli.main import main
+
+    assert len(main.commands) >= 9
+    for command in main.commands:
         result = tileseg(command, "--help")
-        assert result.returncode == 0 and "Example" in result.stdout or command == "demo"
+        assert result.returncode == 0 and "Example" in result.stdout, command
+
+
+def test_json_summaries_and_verbosity(tmp_path, identity_model):
+    import json
+
+    src = write_mrc(tmp_path / "tomo.mrc", random_volume((24, 24, 24)))
+    result = tileseg("-v", "run", src, str(tmp_path / "seg.zarr"), "--model", identity_model, "--tile", "16", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["tiles_forwarded"] == summary["tile_count"] > 0 and summary["shape"] == [24, 24, 24]
+    assert "tileseg: INFO:" in result.stderr and "tiles of 16×16×16" in result.stderr
+    assert "distributed" not in result.stderr  # Dask's chatter only from -vv
+    status = tileseg("status", str(tmp_path / "seg.zarr"), "--json")
+    assert status.returncode == 0 and json.loads(status.stdout)["complete"] is True
+    converted = tileseg("-q", "convert", src, str(tmp_path / "tomo.zarr"), "--json")
+    assert json.loads(converted.stdout)["shape"] == [24, 24, 24]
+    quiet = tileseg("-q", "run", src, str(tmp_path / "seg2.zarr"), "--model", identity_model, "--tile", "16")
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
 
 
 @pytest.fixture
