@@ -14,6 +14,8 @@ Same seeds, crops (40³, as the paper's subtomograms), widths and steps for both
 
 ``--repeats N`` runs every cell N times with new simulated data and a new training seed, and reports
 the mean and the range, so a difference between the networks can be read against run-to-run spread.
+Each finished cell is saved to ``--out`` at once; ``--resume`` keeps the cells already there (same
+settings: data, seeds and training are deterministic) and runs only the missing ones.
 """
 
 from __future__ import annotations
@@ -77,11 +79,33 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--channels", type=int, nargs=3, default=[8, 16, 32])
     parser.add_argument("--out", default="benchmarks/results/paper_experiments.json")
+    parser.add_argument("--resume", action="store_true", help="keep the finished cells in --out and run the rest")
     args = parser.parse_args()
     shape = (args.size,) * 3
     started = time.perf_counter()
     kinds = list_templates()
-    rows_snr, rows_held = [], []
+    settings = {"shape": list(shape), "train_tomograms": args.train, "steps": args.steps, "crop": 40,
+                "channels": args.channels, "target": args.target, "held_out": list(HELD_OUT)}
+    rows_snr, rows_held, seconds_before = [], [], 0
+    if args.resume and os.path.exists(args.out):
+        with open(args.out) as f:
+            before = json.load(f)
+        if {k: v for k, v in before["settings"].items() if k != "repeats"} != settings:
+            sys.exit(f"{args.out} was made with other settings; leave out --resume or use another --out")
+        rows_snr, rows_held, seconds_before = before["snr_experiment"], before["held_out_experiment"], before.get("seconds", 0)
+
+    def have(rows, **cell):
+        return any(all(row.get(k) == v for k, v in cell.items()) for row in rows)
+
+    def save():
+        result = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
+                  "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
+                  "seconds": round(seconds_before + time.perf_counter() - started),
+                  "settings": {**settings, "repeats": args.repeats}, "snr_experiment": rows_snr, "held_out_experiment": rows_held}
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
     with tempfile.TemporaryDirectory() as work:
         model = os.path.join(work, "m.safetensors")
         for snr in args.snr:
@@ -90,30 +114,29 @@ def main() -> None:
                 data = volumes(kinds, snr, seeds, shape)
                 truth = data[-1].labels == kinds.index(args.target) + 1
                 for arch, name in ARCHITECTURES.items():
+                    if have(rows_snr, snr=snr, repeat=repeat, network=name):
+                        continue
                     report = fit(arch, data[: args.train], data[args.train : args.train + 1], f"target:{args.target}",
                                  kinds, args, model, seed=repeat)
                     rows_snr.append({"snr": snr, "repeat": repeat, "network": name, "target_iou": test_iou(model, data[-1], truth, work),
                                      "validation_iou": round(report.best_validation_iou, 4), "steps": report.steps})
                     print(rows_snr[-1], flush=True)
+                    save()
         seen = [k for k in kinds if k not in HELD_OUT]
         for repeat in range(args.repeats):
             base = 200 + 1000 * repeat
             data = volumes(seen, 0.5, range(base, base + args.train + 2), shape)
             unseen = volumes(HELD_OUT, 0.5, [base + 100], shape)[0]
             for arch, name in ARCHITECTURES.items():
+                if have(rows_held, repeat=repeat, network=name):
+                    continue
                 fit(arch, data[: args.train], data[args.train : args.train + 1], "foreground", seen, args, model, seed=repeat)
                 rows_held.append({"network": name, "snr": 0.5, "repeat": repeat,
                                   "iou_training_kinds": test_iou(model, data[-1], data[-1].labels > 0, work),
                                   "iou_held_out_kinds": test_iou(model, unseen, unseen.labels > 0, work)})
                 print(rows_held[-1], flush=True)
-    result = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU", "seconds": round(time.perf_counter() - started),
-              "settings": {"shape": list(shape), "train_tomograms": args.train, "steps": args.steps, "crop": 40, "repeats": args.repeats,
-                           "channels": args.channels, "target": args.target, "held_out": list(HELD_OUT)},
-              "snr_experiment": rows_snr, "held_out_experiment": rows_held}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+                save()
+    save()
     print(table(args, rows_snr, rows_held))
 
 
