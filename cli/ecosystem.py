@@ -1,10 +1,13 @@
-"""The commands that take a segmentation to other tools: ``export`` (MRC) and ``preview`` (PNG)."""
+"""The commands that connect tileseg to other tools: ``export`` (MRC), ``preview`` (PNG) and ``copick`` (copick projects)."""
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 import click
 
-from .common import handle_errors, show_progress
+from .common import handle_errors, parse_shape, show_progress
 
 
 @click.command()
@@ -82,3 +85,75 @@ def preview(ctx: click.Context, output: str, png: str, tomogram: str | None, lev
     if not quiet:
         z, y, x = report.position
         click.echo(f"wrote {report.path}: {report.size[0]}×{report.size[1]} px, slices through z={z} y={y} x={x}, level {report.level}")
+
+
+@click.command("copick")
+@click.argument("config", metavar="CONFIG.json", type=click.Path(dir_okay=False))
+@click.option("--run", "run_name", required=True, help="copick run (e.g. TS_001).")
+@click.option("--voxel-spacing", type=float, required=True, help="Voxel spacing of the tomogram, in Å (copick's VoxelSpacing folder, e.g. 10).")
+@click.option("--tomo-type", required=True, help="Tomogram type (e.g. wbp, denoised).")
+@click.option("--name", required=True, help="Name of the multilabel segmentation (e.g. macromolecule).")
+@click.option("--user-id", default="tileseg", show_default=True, help="copick user or tool id of the segmentation.")
+@click.option("--session-id", default="0", show_default=True, help="copick session id (\"0\": made by a tool).")
+@click.option("--model", default=None, help="Checkpoint (.safetensors) from 'tileseg train'; default: the built-in model.")
+@click.option("--tile", default="64", show_default=True, help="Tile shape fed to the network, N or Z,Y,X.")
+@click.option("--overlap", type=float, default=0.25, show_default=True, help="Overlap of neighbouring tiles, a fraction in [0, 1).")
+@click.option("--blend", type=click.Choice(["gaussian", "linear", "constant"]), default="gaussian", show_default=True, help="Window that weights each tile's prediction.")
+@click.option("--batch", type=int, default=4, show_default=True, help="Tiles per network forward.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True, help="Network arithmetic: fp32, or bf16/fp16 autocast.")
+@click.option("--scheduler", default=None, help="Dask scheduler address (tcp://host:8786) or scheduler file; default: an embedded cluster.")
+@click.option("--workers", type=int, default=None, help="Workers of the embedded cluster (default: 1 on CPU, one per GPU).")
+@click.option("--block", default=None, help="Block shape (whole chunks; default: about 3 tiles).")
+@click.option("--chunk", default="64", show_default=True, help="Output chunk shape.")
+@click.option("--probabilities", is_flag=True, help="Also write the class probabilities (under probabilities/ in the segmentation's store).")
+@click.option("--probability-dtype", type=click.Choice(["float16", "float32", "uint8"]), default="float16", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace the segmentation if copick already lists it.")
+@click.option("--resume", is_flag=True, help="Finish a stopped run (same options), computing only its unfinished blocks.")
+@click.option("--ignore-voxel-size", is_flag=True, help="Run even if the tomogram's voxel size is far from the model's.")
+@click.pass_context
+@handle_errors
+def copick(ctx: click.Context, config: str, run_name: str, voxel_spacing: float, tomo_type: str, name: str, tile: str,
+           block: str | None, chunk: str, **options: Any) -> None:
+    """Segment a tomogram of a copick project into a copick multilabel segmentation.
+
+    Reads ExperimentRuns/RUN/VoxelSpacingVS/TOMO_TYPE.zarr (static or overlay root) and writes
+    ExperimentRuns/RUN/Segmentations/VS_USER_SESSION_NAME-multilabel.zarr in the overlay root,
+    where copick lists it (0 background, 1.. the model's classes). Local filesystem projects only.
+    The store appears only once complete; --resume finishes a stopped run.
+
+    \b
+    Examples:
+      tileseg copick copick.json --run TS_001 --voxel-spacing 10 --tomo-type wbp --name macromolecule
+      tileseg copick copick.json --run TS_001 --voxel-spacing 10 --tomo-type denoised --name macromolecule \\
+          --device cuda --batch 8 --session-id 1
+      tileseg copick copick.json --run TS_001 --voxel-spacing 10 --tomo-type wbp --name macromolecule --resume
+    """
+    from tqdm import tqdm
+
+    from tilesegment.copick_io import segment_copick
+
+    quiet = ctx.find_root().obj["quiet"]
+    bar = tqdm(total=0, unit="tile", disable=not show_progress(quiet), desc="segment", dynamic_ncols=True)
+
+    def on_start(plan: Any, link: str | None) -> None:
+        bar.total = plan.grid.count
+        bar.refresh()
+        if link and not quiet:
+            bar.write(f"Dask dashboard: {link}", file=sys.stderr)
+
+    with bar:
+        result = segment_copick(config, run_name, voxel_spacing, tomo_type, name, tile=parse_shape(tile), block=parse_shape(block),
+                                chunk=parse_shape(chunk), progress=bar.update, on_start=on_start, **options)
+    if quiet:
+        return
+    for note in result.notes:
+        click.echo(f"tileseg: note: {note}", err=True)
+    where = f"run {result.run}, {result.voxel_spacing:.3f} Å, user {result.user_id}, session {result.session_id}"
+    report = result.report
+    if report is None or report.extra.get("already_complete"):
+        click.echo(f"{result.path} is already complete ({where}); nothing to do.")
+        return
+    labels = ", ".join(f"{value}={cls}" for value, cls in enumerate(report.class_names))
+    click.echo(f"wrote copick multilabel segmentation {result.store} ({where}): {'×'.join(map(str, report.shape))} labels {labels}; "
+               f"{report.tiles_forwarded}/{report.tile_count} tiles, {report.seconds:.1f} s -> {result.path}")

@@ -207,10 +207,10 @@ def demo(ctx: click.Context, directory: str, size: int, seed: int, workers: int 
         click.echo(f"macromolecule IoU against the simulation's ground truth: {iou:.3f}")
 
 
-from .ecosystem import export, preview  # noqa: E402  (taking a segmentation to other tools)
+from .ecosystem import copick, export, preview  # noqa: E402  (taking a segmentation to other tools)
 from .science import evaluate, simulate, train  # noqa: E402  (the science commands live in their own module)
 
-for command in (simulate, train, evaluate, export, preview):
+for command in (simulate, train, evaluate, export, preview, copick):
     main.add_command(command)
 
 if __name__ == "__main__":

@@ -172,6 +172,11 @@ def test_a_failed_run_is_incomplete_refused_and_resumed_to_the_same_output(tmp_p
     assert again.extra["already_complete"] and again.tiles_forwarded == 0
     with pytest.raises(OutputError, match="already exists"):
         segment(src, out, model=small_net, client=client, **SETTINGS)
+    # the failed run's futures may still be alive on this client: a new identical run must compute
+    # (and here fail) for itself, not be handed the earlier run's results
+    monkeypatch.setattr(blocks, "read_volume", failing_storage)
+    with pytest.raises(OSError, match="injected"):
+        segment(src, out, model=small_net, client=client, overwrite=True, **SETTINGS)
 
 
 def test_input_is_never_modified(tmp_path, tomogram, identity_model, client):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import uuid
 from typing import Any, Callable, Collection, Iterable, Iterator, Sequence
 
 import dask
@@ -141,7 +142,9 @@ def block_graph(job: BlockJob, resources: dict[str, float] | None,
     so a wavefront of them costs quadratic time to build (minutes for a few thousand blocks).
     """
     plan = job.plan
-    token = dask.base.tokenize(job)
+    # unique per run: a client that still holds an earlier identical run's keys (a failed run's
+    # futures, say) must not hand its results back instead of writing this run's chunks
+    token = dask.base.tokenize(job, uuid.uuid4().hex)
     job_key = f"job-{token}"
 
     def block_key(index: Sequence[int]) -> str:
