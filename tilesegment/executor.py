@@ -186,10 +186,34 @@ def run_blocks(client: Client, job: BlockJob, resources: dict[str, float] | None
             results.append(future.result())
     except BaseException:
         client.cancel(futures)
+        _wait_for_stragglers(client, keys)
         raise
     finally:
         client.unsubscribe_topic(PROGRESS_TOPIC)
     return results
+
+
+def _still_running(keys: set[str], dask_worker: Any = None) -> list[str]:
+    """On a worker: which of ``keys`` a thread is still executing (cancelled tasks run to their end)."""
+    return [str(ts.key) for ts in list(dask_worker.state.tasks.values())
+            if ts.key in keys and ts.state in ("executing", "long-running", "cancelled", "resumed")]
+
+
+def _wait_for_stragglers(client: Client, keys: Sequence[str], timeout: float = 120.0) -> None:
+    """After a failure, wait until no block of this run is still writing, so that the output's lock
+    is released only when the run has really stopped (a resume then never races a straggler)."""
+    import time
+
+    deadline, wanted = time.monotonic() + timeout, set(keys)
+    while time.monotonic() < deadline:
+        try:
+            running = client.run(_still_running, wanted)
+        except Exception:  # workers gone or unreachable: nothing more to wait for here
+            return
+        if not any(running.values()):
+            return
+        time.sleep(0.1)
+    log.warning("blocks still running on the workers %.0f s after the run stopped", timeout)
 
 
 def map_tasks(client: Client, func: Callable[..., Any], argument_lists: Sequence[Iterable[Any]],
