@@ -104,7 +104,7 @@ def preview(ctx: click.Context, output: str, png: str, tomogram: str | None, lev
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True, help="Network arithmetic: fp32, or bf16/fp16 autocast.")
 @click.option("--scheduler", default=None, help="Dask scheduler address (tcp://host:8786) or scheduler file; default: an embedded cluster.")
 @click.option("--workers", type=int, default=None, help="Workers of the embedded cluster (default: 1 on CPU, one per GPU).")
-@click.option("--block", default=None, help="Block shape (whole chunks; default: about 3 tiles).")
+@click.option("--block", default=None, help="Block shape (whole chunks; default: about 2 tiles).")
 @click.option("--chunk", default="64", show_default=True, help="Output chunk shape.")
 @click.option("--probabilities", is_flag=True, help="Also write the class probabilities (under probabilities/ in the segmentation's store).")
 @click.option("--probability-dtype", type=click.Choice(["float16", "float32", "uint8"]), default="float16", show_default=True)

@@ -86,7 +86,7 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Network arithmetic: fp32, or bf16/fp16 autocast (faster on GPUs; fp16 needs CUDA)."),
         click.option("--scheduler", default=None, help="Dask scheduler address (tcp://host:8786) or scheduler file; default: an embedded cluster."),
         click.option("--workers", type=int, default=None, help="Workers of the embedded cluster (default: 1 on CPU, one per GPU)."),
-        click.option("--block", default=None, help="Block shape (whole chunks; default: about 3 tiles)."),
+        click.option("--block", default=None, help="Block shape (whole chunks; default: about 2 tiles)."),
         click.option("--chunk", default="64", show_default=True, help="Output chunk shape."),
         click.option("--shard", default=None, help="Output shard shape (with --ngff 0.5)."),
         click.option("--ngff", type=click.Choice(["0.4", "0.5"]), default="0.4", show_default=True, help="Output OME-Zarr version."),
