@@ -22,6 +22,8 @@ import time
 import mrcfile
 import numpy as np
 
+from _measure import descendants, peak_rss_mib  # VmHWM from /proc, shared with performance.py
+
 
 def make_volume(path: str, size: int) -> None:
     with mrcfile.new_mmap(path, shape=(size, size, size), mrc_mode=2, overwrite=True) as mrc:
@@ -37,36 +39,6 @@ def identity_checkpoint(path: str) -> None:
     config = ModelConfig(architecture="identity", channels=(), class_names=("background", "value"),
                          normalization="none", output="none")
     save_checkpoint(path, build_model(config), config)
-
-
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
-def peak_rss_mib(pid: int) -> float:
-    """VmHWM: the process's peak resident memory (reset by exec, unlike getrusage's ru_maxrss)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 def measure(size: int, workdir: str, model: str) -> dict:

@@ -1,0 +1,159 @@
+"""One-command GPU benchmark: tileseg end to end on a GPU against the bare network's limit.
+
+With the packaged default model, tile 64, overlap 0.25, gaussian blending and batch 8 on
+``--device cuda``, measures (each in its own child process, Python imports outside the timings):
+
+* the limit: the bare network's forward time (+ softmax) for exactly the tiles of tileseg's global
+  grid, same module, device, batch and torch threads, inference mode, after a warm-up forward, the
+  batches already on the GPU (see ``_measure.child_bare``);
+* tileseg's ``segment()`` end to end (MRC in, compressed OME-Zarr out, cluster start-up included,
+  and also from the cluster being up).
+
+and reports voxels/s of both, their ratio (target: tileseg ≥ 0.85 of the bare throughput), the
+network's own time inside tileseg's run (forward hooks) and the GPU's name. ``--precision bf16`` (or fp16) runs the network in that precision too, only where
+tileseg's ``segment()`` takes a ``precision`` argument (checked with ``inspect.signature``).
+Without a CUDA GPU it says so and exits 0.
+
+    python benchmarks/gpu_benchmark.py                     # 512³, fp32
+    python benchmarks/gpu_benchmark.py --size 768 --precision fp32 bf16
+
+Writes benchmarks/results/gpu.json and gpu.md (the markdown is printed as well).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _measure import (CHILDREN, READ_COUNTS_ENV, child_main, code_fingerprint, machine_info, machine_line, phases_of,  # noqa: E402
+                      read_counts, spawn_child, write_noise_mrc)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TARGET = 0.85  # tileseg's throughput over the bare network's, at least
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def markdown(r: dict[str, Any]) -> str:
+    s = r["settings"]
+    lines = ["# tileseg on a GPU (`benchmarks/gpu_benchmark.py`)", "",
+             f"- Command: `{r['command']}`",
+             f"- Machine: {machine_line(r['machine'])}; {r['gpus']} GPU(s) used by tileseg's embedded cluster",
+             f"- Date: {r['date']}; tilesegment {r['version']}, source fingerprint {r['source_fingerprint']}",
+             f"- Settings: the packaged default model, {s['size']}³ float32 MRC of noise, tile {s['tile']}, overlap {s['overlap']}, "
+             f"{s['blend']} blending, batch {s['batch']}, device {s['device']}. Every figure is measured in this run.", ""]
+    if r.get("precision_note"):
+        lines += [r["precision_note"], ""]
+    lines += ["| precision | bare network s | bare voxels/s | tileseg `segment()` s | tileseg voxels/s | tileseg / bare throughput "
+              f"(target ≥ {TARGET}) | met | from cluster up: s, × bare throughput | network time inside the run s, / wall |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['precision']} | {row['bare_seconds']:.2f} | {row['bare_voxels_per_s']:,.0f} | {row['seconds']:.2f} | "
+                     f"{row['voxels_per_s']:,.0f} | {row['ratio']:.3f} | {'yes' if row['ratio'] >= TARGET else '**no**'} | "
+                     f"{row['seconds_after_cluster_up']:.2f}, {row['ratio_after_cluster_up']:.3f} | "
+                     f"{row['network_seconds_inside_run']:.2f}, {row['network_seconds_inside_run'] / row['seconds']:.3f} |")
+    lines.append("")
+    if r["gpus"] > 1:
+        lines += [f"The bare figure is one GPU's, times {r['gpus']} (ideal scaling): tileseg's embedded cluster uses every GPU.", ""]
+    lines += ["Phases of each `segment()` run (s): " + "; ".join(
+        f"{row['precision']}: " + ", ".join(f"{k.strip()} {v:.2f}" for k, v in row["phases"].items() if not k.startswith("  "))
+        for row in r["rows"]), ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    if child_main(sys.argv[1:], CHILDREN):
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--size", type=int, default=512, help="edge of the cubic test volume (default 512)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--precision", nargs="+", default=["fp32"],
+                        help="network precisions to run (fp32, and bf16/fp16 where segment() takes a precision)")
+    parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args()
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_benchmark: skipped: PyTorch sees no CUDA GPU here (torch.cuda.is_available() is False: no GPU, a CPU-only "
+              f"PyTorch build ({torch.__version__}), or CUDA_VISIBLE_DEVICES hides it). Nothing was measured.")
+        return 0
+
+    import tilesegment
+    from tilesegment.executor import embedded_worker_count
+    from tilesegment.pipeline import segment
+
+    takes_precision = "precision" in inspect.signature(segment).parameters
+    precisions, note = [], None
+    for p in args.precision:
+        if p == "fp32" or takes_precision:
+            precisions.append(p)
+    skipped = [p for p in args.precision if p not in precisions]
+    if skipped:
+        note = (f"Precision(s) {', '.join(skipped)} skipped: this tilesegment's `segment()` takes no `precision` argument, "
+                "so tileseg cannot run them.")
+        log(note)
+    gpus = embedded_worker_count(args.device)
+    settings = {"size": args.size, "tile": 64, "overlap": 0.25, "blend": "gaussian", "batch": args.batch, "device": args.device}
+    result: dict[str, Any] = {
+        "command": " ".join(["python", os.path.relpath(os.path.abspath(__file__)), *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_info(), "settings": settings, "gpus": gpus,
+        "version": tilesegment.__version__, "source_fingerprint": code_fingerprint(), "precision_note": note, "rows": [],
+    }
+    voxels = args.size**3
+    script = os.path.abspath(__file__)
+    with tempfile.TemporaryDirectory(prefix="tileseg-gpu-", dir=args.workdir) as workdir:
+        volume = os.path.join(workdir, f"v{args.size}.mrc")
+        write_noise_mrc(volume, args.size, mode=2, seed=args.size)
+        common = {k: settings[k] for k in ("tile", "overlap", "blend", "batch", "device")}
+        for precision in precisions:
+            extra = {} if precision == "fp32" and not takes_precision else {"precision": precision}
+            log(f"bare network, {precision} ...")
+            # the bare limit on one GPU, with the torch threads one of tileseg's GPU workers gets
+            bare, _ = spawn_child(script, "bare", {**common, **extra, "input": volume, "model": None, "workers": gpus,
+                                                   "device": "cuda:0" if args.device == "cuda" else args.device}, workdir)
+            log(f"  {bare['seconds']:.2f} s for {bare['tiles']} tiles")
+            log(f"segment() {precision} ...")
+            output = os.path.join(workdir, "seg.zarr")
+            counts = tempfile.mkdtemp(prefix="counts-", dir=workdir)  # the network's time inside the run (forward hooks)
+            run, peaks = spawn_child(script, "segment", {**common, **extra, "input": volume, "output": output, "model": None,
+                                                         "read_counts": counts}, workdir, env={READ_COUNTS_ENV: counts})
+            network = sum(c.get("forward_seconds", 0.0) for c in read_counts(counts).values())
+            shutil.rmtree(output, ignore_errors=True)
+            bare_rate = voxels / bare["seconds"] * gpus
+            after = run["seconds"] - run["marks"]["on_start"]
+            row = {"precision": precision, "bare_seconds": bare["seconds"], "bare_voxels_per_s": bare_rate, "bare": bare,
+                   "seconds": run["seconds"], "voxels_per_s": voxels / run["seconds"], "seconds_after_cluster_up": after,
+                   "tiles_forwarded": run["tiles_forwarded"], "tile_count": run["tile_count"], "phases": phases_of(run),
+                   "network_seconds_inside_run": network,
+                   "client_peak_rss_mib": peaks["root"], "worker_peak_rss_mib": peaks["child"]}
+            row["ratio"] = row["voxels_per_s"] / bare_rate
+            row["ratio_after_cluster_up"] = voxels / after / bare_rate
+            log(f"  {run['seconds']:.2f} s: {row['ratio']:.3f} of the bare throughput")
+            result["rows"].append(row)
+    text = markdown(result)
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "gpu.json"), "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    with open(os.path.join(args.out_dir, "gpu.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
