@@ -22,6 +22,7 @@ from .geometry import Box, Shape
 from .mrc import inspect_mrc, read_mrc_region
 from .ome import multiscales, ome_attrs
 from .pyramid import auto_levels, build_level_region, level_regions, level_shapes
+from .storage import basename
 from .zarr_io import create_array, output_spec, create_group, update_attrs, write_region, write_unit
 
 __all__ = ["convert", "ConvertReport", "copy_regions"]
@@ -68,7 +69,10 @@ def convert(
     threads: int = 2,
     progress: Callable[[int], None] | None = None,
 ) -> ConvertReport:
-    """Convert an MRC file to OME-Zarr; ``progress`` is called with the voxels of each region done."""
+    """Convert an MRC file to OME-Zarr; ``progress`` is called with the voxels of each region done.
+
+    Either may be a URL (``s3://bucket/tomo.zarr``): the MRC is then read by byte ranges and the
+    chunks are written as objects, each in one PUT."""
     started = time.perf_counter()
     input_path, output = os.fspath(input_path), os.fspath(output)
     spec = output_spec(ngff, chunk, shard)
@@ -89,7 +93,7 @@ def convert(
     voxel = info.voxel_size or (1.0, 1.0, 1.0)
     # NaN/inf would be written as bare NaN/Infinity, which is not JSON: strict readers reject the whole group
     origin = list(info.origin) if np.isfinite(info.origin).all() else None
-    meta = {"version": __version__, "status": "incomplete", "source": os.path.basename(input_path),
+    meta = {"version": __version__, "status": "incomplete", "source": basename(input_path),
             "mrc_mode": info.mode, "origin_angstrom": origin, "voxel_size_recorded": info.voxel_size is not None}
     group.attrs.update({"tilesegment": meta})  # the OME metadata comes last: until then no reader takes it for an image
 
@@ -104,7 +108,7 @@ def convert(
         tasks = [(f"{output}/{level - 1}", f"{output}/{level}", box, shapes[level - 1], "mean")
                  for box in level_regions(shapes[level], unit)]
         _run(build_level_region, tasks, threads, progress)
-    update_attrs(output, {**ome_attrs(ngff, multiscales=[multiscales(os.path.basename(input_path), paths, voxel, [2**i for i in range(n_levels)], ngff)]),
+    update_attrs(output, {**ome_attrs(ngff, multiscales=[multiscales(basename(input_path), paths, voxel, [2**i for i in range(n_levels)], ngff)]),
                           "tilesegment": {**meta, "status": "complete"}})
     return ConvertReport(output, info.shape, dtype.name, info.voxel_size, n_levels, time.perf_counter() - started,
                          int(np.prod(info.shape)) * dtype.itemsize)

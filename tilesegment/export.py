@@ -27,6 +27,7 @@ from mrcfile.mrcinterpreter import MrcInterpreter
 from .errors import InputError, OptionError, OutputError
 from .geometry import Shape
 from .result import Segmentation, open_segmentation, origin_xyz
+from .zarr_io import open_array
 
 __all__ = ["export", "ExportReport", "probability_files", "SLAB_BYTES"]
 
@@ -108,7 +109,7 @@ def _stream(array_path: str, channel: int | None, partial: str, dtype: np.dtype,
             voxel: tuple[float, float, float], origin: tuple[float, float, float], label: str,
             progress: Callable[[int], None] | None) -> None:
     """Write one MRC to ``partial``: zeros where the header goes, the data slab by slab, then the header."""
-    array = zarr.open_array(array_path, mode="r")
+    array = open_array(array_path)
     nz, ny, nx = array.shape[-3:]
     depth = _planes_per_slab(array, ny * nx * dtype.itemsize)
     stats = _Stats()

@@ -2,8 +2,9 @@
 
 One file per finished block holds the block's result counts and the spill pieces it hands to its
 upper neighbours (weighted sums and weights a tile overlap thick). A block task writes its file
-last, after every chunk of its region is written, and atomically (a temporary name, then a rename),
-so a file's existence is the proof that the block is done. This one mechanism gives:
+last, after every chunk of its region is written, and atomically (on a local disk a temporary name,
+then a rename; in an object store one PUT of the whole object, which stores see whole or not at
+all), so a file's existence is the proof that the block is done. This one mechanism gives:
 
 * resume: a new run skips the blocks with a file and feeds their pieces to the rest;
 * worker loss and retries: a block that finds its own file returns the recorded result instead of
@@ -16,6 +17,7 @@ The journal is removed once the output is complete.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import shutil
 import uuid
@@ -24,10 +26,15 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from .storage import filesystem, is_url, join
+
 __all__ = ["BlockJournal", "JOURNAL_DIR"]
+
+log = logging.getLogger(__name__)
 
 JOURNAL_DIR = ".tilesegment-journal"
 _RESULT = "result"
+_READ_BLOCK = 256 * 2**10  # from an object store, read a journal file in ranges: only the member asked for
 
 
 def _name(index: Sequence[int]) -> str:
@@ -40,16 +47,16 @@ def _piece_name(offset: Sequence[int]) -> str:
 
 @dataclass(frozen=True)
 class BlockJournal:
-    """The journal of the output at ``output`` (a local path)."""
+    """The journal of the output at ``output`` (a local path or a URL)."""
 
     output: str
 
     @property
     def directory(self) -> str:
-        return os.path.join(self.output, JOURNAL_DIR)
+        return join(self.output, JOURNAL_DIR)
 
     def path(self, index: Sequence[int]) -> str:
-        return os.path.join(self.directory, _name(index))
+        return join(self.directory, _name(index))
 
     def record(self, index: Sequence[int], counts: Sequence[int], pieces: Mapping[Sequence[int], np.ndarray]) -> None:
         """Mark ``index`` done with its result ``counts`` and outgoing ``pieces`` (by offset)."""
@@ -57,8 +64,12 @@ class BlockJournal:
         arrays[_RESULT] = np.asarray(counts, dtype=np.int64)
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
-        os.makedirs(self.directory, exist_ok=True)
         final = self.path(index)
+        if is_url(final):  # one PUT: the object appears whole; a retry or twin writes the same bytes
+            fs, key = filesystem(final)
+            fs.pipe_file(key, buffer.getvalue())
+            return
+        os.makedirs(self.directory, exist_ok=True)
         partial = f"{final}.{uuid.uuid4().hex}.partial"
         try:
             with open(partial, "wb") as f:
@@ -68,23 +79,35 @@ class BlockJournal:
             if os.path.exists(partial):
                 os.unlink(partial)
 
+    def _load(self, index: Sequence[int], member: str) -> np.ndarray:
+        path = self.path(index)
+        if not is_url(path):
+            with np.load(path) as data:
+                return data[member]
+        fs, key = filesystem(path)
+        fs.cat_file(key, start=0, end=1)  # one GET says "not there" (opening first asks for the size, then lists)
+        with fs.open(key, "rb", block_size=_READ_BLOCK, cache_type="readahead") as f, np.load(f) as data:
+            return data[member]
+
     def counts(self, index: Sequence[int]) -> tuple[int, ...] | None:
         """The recorded result counts of ``index``, or ``None`` if it is not done."""
         try:
-            with np.load(self.path(index)) as data:
-                return tuple(int(v) for v in data[_RESULT])
+            return tuple(int(v) for v in self._load(index, _RESULT))
         except FileNotFoundError:
             return None
 
     def piece(self, index: Sequence[int], offset: Sequence[int]) -> np.ndarray:
         """The spill piece that done block ``index`` hands to its neighbour at ``offset``."""
-        with np.load(self.path(index)) as data:
-            return data[_piece_name(offset)]
+        return self._load(index, _piece_name(offset))
 
     def done(self) -> Iterator[tuple[int, ...]]:
         """Indices of the finished blocks."""
         try:
-            names = os.listdir(self.directory)
+            if is_url(self.directory):
+                fs, key = filesystem(self.directory)
+                names = [name.rstrip("/").rsplit("/", 1)[-1] for name in fs.ls(key, detail=False)]
+            else:
+                names = os.listdir(self.directory)
         except FileNotFoundError:
             return
         for name in names:
@@ -92,4 +115,13 @@ class BlockJournal:
                 yield tuple(int(v) for v in name[len("block-") : -len(".npz")].split("-"))
 
     def remove(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
+        if not is_url(self.directory):
+            shutil.rmtree(self.directory, ignore_errors=True)
+            return
+        fs, key = filesystem(self.directory)
+        try:
+            fs.rm(key, recursive=True)
+        except FileNotFoundError:
+            pass
+        except Exception as exc:  # like rmtree(ignore_errors=True): a leftover journal is harmless once complete
+            log.warning("could not remove the journal %s (%s); delete it by hand.", self.directory, exc)

@@ -1,8 +1,9 @@
-"""Reading MRC volumes: validate the header once, then read any region through a memory map.
+"""Reading MRC volumes: validate the header once, then read any region with positioned reads.
 
-The header is parsed by ``mrcfile``; data are read with a short-lived ``numpy.memmap`` per region so
-that pages touched by one read are released before the next (peak memory stays at one region, not
-the file). Every problem is an :class:`~tilesegment.errors.InputError` naming cause and remedy.
+The header is parsed by ``mrcfile``; a region is read with plain positioned reads (``os.preadv``)
+of a local file, or with byte-range requests (``cat_ranges``) of an object in a store such as S3
+(``s3://bucket/tomo.mrc``), so memory stays at one region, never the file. Every problem is an
+:class:`~tilesegment.errors.InputError` naming cause and remedy, the same for a file and an object.
 """
 
 from __future__ import annotations
@@ -18,11 +19,18 @@ from mrcfile.utils import data_dtype_from_header
 
 from .errors import InputError
 from .geometry import Box, Shape
+from .storage import describe_failure, filesystem, is_url, remedy
 
 __all__ = ["MrcInfo", "SUPPORTED_MODES", "inspect_mrc", "read_mrc_region"]
 
 SUPPORTED_MODES = {0: "int8", 1: "int16", 2: "float32", 6: "uint16", 12: "float16"}
 HEADER_BYTES = 1024
+# Object stores: a request costs about as much as reading this many more bytes, so row spans closer
+# than this are fetched as one range; a range never exceeds RANGE_BYTES, and a batch of concurrent
+# ranges never exceeds BATCH_BYTES (memory stays near one region).
+MAX_GAP = 512 * 2**10
+RANGE_BYTES = 16 * 2**20
+BATCH_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -58,26 +66,53 @@ class _HeaderReader(MrcInterpreter):
         pass
 
 
+def _too_short(path: str, file_size: int) -> InputError:
+    return _fail(path, f"is {file_size} bytes, too short to hold an MRC header (1024 bytes).", "Check that the file is a complete MRC file.")
+
+
+def _read_header(path: str) -> tuple[int, bytes]:
+    """``(size, first 1024 bytes)`` of a local file or a stored object, or the reason there are none."""
+    if not is_url(path):
+        if not os.path.exists(path):
+            raise _fail(path, "no such file.", "Check the path (and that the file system is mounted).")
+        if os.path.isdir(path):
+            raise _fail(path, "is a directory, not an MRC file.", "Give an .mrc file, or a .zarr directory.")
+        file_size = os.path.getsize(path)
+        if file_size < HEADER_BYTES:
+            raise _too_short(path, file_size)
+        try:
+            with open(path, "rb") as stream:
+                return file_size, stream.read(HEADER_BYTES)
+        except OSError as exc:  # permissions, I/O error
+            raise _fail(path, f"is not a readable MRC file ({exc}).", "Give an MRC/CCP4 file, e.g. an IMOD or AreTomo tomogram.") from None
+    try:
+        fs, key = filesystem(path)
+        info = fs.info(key)
+        if info.get("type") == "directory":
+            raise _fail(path, "is a directory, not an MRC file.", "Give an .mrc file, or a .zarr directory.")
+        file_size = int(info["size"])
+        if file_size < HEADER_BYTES:
+            raise _too_short(path, file_size)
+        return file_size, fs.cat_file(key, start=0, end=HEADER_BYTES)
+    except InputError:
+        raise
+    except FileNotFoundError:
+        raise _fail(path, "no such file.", remedy(path)) from None
+    except Exception as exc:  # no credentials, endpoint unreachable, access denied, ...
+        raise _fail(path, f"cannot be read: {describe_failure(exc)}.", remedy(path, exc)) from None
+
+
 def inspect_mrc(path: str | os.PathLike) -> MrcInfo:
     """Read and check an MRC header; raise :class:`InputError` on anything tileseg cannot read."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise _fail(path, "no such file.", "Check the path (and that the file system is mounted).")
-    if os.path.isdir(path):
-        raise _fail(path, "is a directory, not an MRC file.", "Give an .mrc file, or a .zarr directory.")
-    file_size = os.path.getsize(path)
-    if file_size < HEADER_BYTES:
-        raise _fail(path, f"is {file_size} bytes, too short to hold an MRC header (1024 bytes).",
-                    "Check that the file is a complete MRC file.")
+    file_size, raw = _read_header(path)
     try:
-        with open(path, "rb") as stream:
-            raw = stream.read(HEADER_BYTES)
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
             reader = _HeaderReader(io.BytesIO(raw), permissive=True, header_only=True)
             header = reader.header.copy()
             voxel = reader.voxel_size
-    except Exception as exc:  # an unreadable file (permissions, I/O error) or something mrcfile cannot parse
+    except Exception as exc:  # something mrcfile cannot parse
         raise _fail(path, f"is not a readable MRC file ({exc}).", "Give an MRC/CCP4 file, e.g. an IMOD or AreTomo tomogram.") from None
     # Like mrcfile, accept 'MAP' followed by anything: some writers put 'MAP\0' instead of 'MAP '.
     if bytes(header.map.item())[:3] != b"MAP":
@@ -121,9 +156,49 @@ def _read_into(fd: int, buffer: np.ndarray, offset: int, path: str) -> None:
     while done < len(view):
         n = os.preadv(fd, [view[done:]], offset + done)
         if n <= 0:
-            raise InputError(f"{path}: the file ended early while reading (it changed or was truncated after it was opened).",
-                             "Check the file is complete and not being written to, then run again.")
+            raise _ended_early(path)
         done += n
+
+
+def _ended_early(path: str) -> InputError:
+    return InputError(f"{path}: the file ended early while reading (it changed or was truncated after it was opened).",
+                      "Check the file is complete and not being written to, then run again.")
+
+
+def _coalesce(spans: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+    """Byte ranges ``(start, end, first span, end span)`` covering ``spans`` (sorted ``(offset, length)``):
+    neighbours closer than ``MAX_GAP`` share a range, up to ``RANGE_BYTES``."""
+    ranges: list[tuple[int, int, int, int]] = []
+    for k, (offset, length) in enumerate(spans):
+        if ranges:
+            start, end, first, _ = ranges[-1]
+            if offset - end <= MAX_GAP and offset + length - start <= RANGE_BYTES:
+                ranges[-1] = (start, max(end, offset + length), first, k + 1)
+                continue
+        ranges.append((offset, offset + length, k, k + 1))
+    return ranges
+
+
+def _read_spans(path: str, spans: list[tuple[int, int]], place) -> None:
+    """Fetch ``spans`` of a stored object by range requests and hand each to ``place(k, bytes)``."""
+    fs, key = filesystem(path)
+    ranges = _coalesce(spans)
+    i = 0
+    while i < len(ranges):
+        j, total = i, 0
+        while j < len(ranges) and (j == i or total + ranges[j][1] - ranges[j][0] <= BATCH_BYTES):
+            total += ranges[j][1] - ranges[j][0]
+            j += 1
+        batch = ranges[i:j]
+        blobs = fs.cat_ranges([key] * len(batch), [r[0] for r in batch], [r[1] for r in batch], on_error="raise")
+        for (start, end, first, stop), blob in zip(batch, blobs):
+            if len(blob) < end - start:
+                raise _ended_early(path)
+            view = memoryview(blob)
+            for k in range(first, stop):
+                offset, length = spans[k]
+                place(k, view[offset - start : offset - start + length])
+        i = j
 
 
 def read_mrc_region(info: MrcInfo, box: Box) -> np.ndarray:
@@ -132,16 +207,34 @@ def read_mrc_region(info: MrcInfo, box: Box) -> np.ndarray:
     Plain positioned reads rather than a memory map: a map's resident pages (and the kernel's
     fault-around) count towards a worker's memory and grow with the tomogram's width. Wide boxes
     read one run of whole rows per plane; narrow ones read each row's span, so nothing outside the
-    box is read.
+    box is read. From an object store the same spans are fetched as byte ranges, neighbours merged
+    (see ``MAX_GAP``): one request per plane or slab rather than one per row.
     """
     dtype = np.dtype(info.dtype)
     _, ny, nx = info.shape
     (z0, y0, x0), (z1, y1, x1) = box.start, box.stop
     out = np.empty(box.shape, dtype)
     item = dtype.itemsize
+    wide = 2 * (x1 - x0) >= nx
+    if is_url(info.path):
+        if out.size == 0:
+            return out.astype(dtype.newbyteorder("="), copy=False)
+        if wide:
+            spans = [(info.data_offset + (z * ny + y0) * nx * item, (y1 - y0) * nx * item) for z in range(z0, z1)]
+
+            def place(k: int, data: memoryview) -> None:
+                out[k] = np.frombuffer(data, dtype).reshape(y1 - y0, nx)[:, x0:x1]
+        else:
+            spans = [(info.data_offset + ((z * ny + y) * nx + x0) * item, (x1 - x0) * item) for z in range(z0, z1) for y in range(y0, y1)]
+            rows = out.reshape(-1, x1 - x0)
+
+            def place(k: int, data: memoryview) -> None:
+                rows[k] = np.frombuffer(data, dtype)
+        _read_spans(info.path, spans, place)
+        return out.astype(dtype.newbyteorder("="), copy=False)
     with open(info.path, "rb", buffering=0) as f:
         fd = f.fileno()
-        if 2 * (x1 - x0) >= nx:
+        if wide:
             rows = np.empty((y1 - y0, nx), dtype)
             for i, z in enumerate(range(z0, z1)):
                 _read_into(fd, rows, info.data_offset + (z * ny + y0) * nx * item, info.path)

@@ -11,7 +11,6 @@ run can refuse settings that would mix two different segmentations in one store.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -20,6 +19,7 @@ from .geometry import Shape
 from .journal import BlockJournal
 from .lock import lock_holder
 from .ome import image_label, multiscales, ome_attrs
+from .storage import describe_failure, exists, remedy
 from .zarr_io import ArraySpec, create_array, create_group, read_attrs, update_attrs
 
 __all__ = ["OutputLayout", "OutputStatus", "describe_output", "output_state", "decide", "check_same_run", "create_output", "finish_output",
@@ -52,8 +52,11 @@ class OutputLayout:
 
 def output_state(output: str) -> str | None:
     """``None`` (nothing there), ``complete``, ``incomplete``, or ``foreign`` (not a tileseg output)."""
-    if not os.path.exists(output):
-        return None
+    try:
+        if not exists(output):
+            return None
+    except Exception as exc:  # only URLs get here: no credentials, endpoint unreachable, ...
+        raise OutputError(f"{output}: cannot be reached: {describe_failure(exc)}.", remedy(output, exc)) from None
     info = read_attrs(output).get("tilesegment")
     if not isinstance(info, dict) or "run" not in info:
         return "foreign"

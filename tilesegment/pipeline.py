@@ -29,6 +29,7 @@ from .lock import OutputLock
 from .output import CONTINUE, CREATE, FINISHED, OutputLayout, check_same_run, create_output, decide, finish_output, output_state
 from .plan import BlockPlan
 from .pyramid import auto_levels, build_level_region, level_regions, level_shapes
+from .storage import is_url, normalize
 from .volume import VolumeSource, intensity_statistics, open_volume
 from .zarr_io import output_spec, write_unit
 
@@ -61,10 +62,14 @@ class RunReport:
 
 
 def _check_paths(input_path: str, output: str) -> None:
-    src, dst = os.path.realpath(input_path), os.path.realpath(output)
-    if dst == src or dst.startswith(src.rstrip(os.sep) + os.sep):
+    """Refuse an output inside the input, or holding it; paths and URLs are compared normalised."""
+    if is_url(input_path) != is_url(output):
+        return  # one on this machine, one in a store: never nested
+    src, dst = normalize(input_path), normalize(output)
+    sep = "/" if is_url(output) else os.sep
+    if dst == src or dst.startswith(src.rstrip(sep) + sep):
         raise OptionError(f"output {output} is inside the input {input_path}.", "Write the output somewhere else; tileseg never modifies its input.")
-    if src.startswith(dst.rstrip(os.sep) + os.sep):
+    if src.startswith(dst.rstrip(sep) + sep):
         raise OptionError(f"output {output} contains the input {input_path}; overwriting it would delete the input.", "Choose another output path.")
 
 
@@ -131,7 +136,8 @@ def segment(
     from .predict import check_precision, model_key, resolve_device
 
     started = time.perf_counter()
-    input_path, output = os.fspath(input_path), os.path.normpath(os.fspath(output))
+    input_path, output = os.fspath(input_path), os.fspath(output)
+    output = normalize(output) if is_url(output) else os.path.normpath(output)
     if blend not in BLEND_MODES:
         raise OptionError(f"--blend {blend!r} is not a blending mode.", f"Use one of: {', '.join(BLEND_MODES)}.")
     if batch < 1:
@@ -145,9 +151,9 @@ def segment(
     if scheduler is None and client is None:
         resolve_device(device)  # an embedded cluster's GPU is this machine's
     _check_paths(input_path, output)
+    source = open_volume(input_path)
     decide(output, output_state(output), resume, overwrite)  # fail fast; decided again under the lock
 
-    source = open_volume(input_path)
     checkpoint = read_checkpoint(model)
     _, config = load_checkpoint(checkpoint, "cpu", name=model or "the default model")
     _check_tile(tile_shape, config.size_multiple, config.architecture)
@@ -158,12 +164,14 @@ def segment(
                           _label_names(config), "uint8" if len(config.class_names) <= 255 else "uint16", config.out_channels,
                           probability_dtype if probabilities else None)
     # what decides the output's bytes: a resumed run must repeat all of it
-    run = {"input": os.path.abspath(source.path), "shape": list(source.shape), "model_sha256": hashlib.sha256(checkpoint).hexdigest(),
+    where = normalize(source.path) if is_url(source.path) else os.path.abspath(source.path)
+    run = {"input": where, "shape": list(source.shape), "model_sha256": hashlib.sha256(checkpoint).hexdigest(),
            "tile": list(tile_shape), "overlap": overlap, "blend": blend, "block": list(plan.block), "chunk": list(spec.chunk),
            "shard": list(spec.shard) if spec.shard else None, "ngff": ngff, "levels": n_levels,
            "probabilities": layout.probability_dtype, "precision": precision}
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with OutputLock(output):
+    if not is_url(output):  # an object store has no folders to make
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with OutputLock(output) as lock:
         action = decide(output, output_state(output), resume, overwrite)
         if action == CREATE:
             normalization = intensity_statistics(source) if config.normalization == "zscore" else None
@@ -196,12 +204,14 @@ def segment(
             install_model(active, job.model_key, checkpoint, device, threads, precision)
             # the output exists only once input, model and cluster are known to be usable
             if action == CREATE:
+                lock.check()
                 create_output(output, layout, info, overwrite)
             done = set(journal.done()) if action == CONTINUE else set()
             if progress and done:
                 progress(sum(plan.tile_count(index) for index in done))
             results = run_blocks(active, job, predict_resources(device), on_tiles=progress, done=done)
             _build_pyramid(active, map_tasks, output, layout, spec)
+        lock.check()  # an object-store lock taken over while this run stalled: do not mark a mixed output complete
         forwarded = sum(r.tiles_forwarded for r in results)
         foreground = sum(r.foreground_voxels for r in results) + sum((journal.counts(i) or (0, 0, 0))[2] for i in done)
         seconds = time.perf_counter() - started

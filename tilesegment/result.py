@@ -18,6 +18,7 @@ from .errors import InputError, OptionError
 from .geometry import Shape
 from .mrc import inspect_mrc
 from .ome import dataset_voxel_sizes, label_classes, label_colors, read_ome_attrs
+from .storage import describe_failure, exists, is_url, join, parent, remedy
 from .volume import is_zarr_path
 from .zarr_io import open_group
 
@@ -67,7 +68,11 @@ def _multiscale(path: str, attrs: dict[str, Any]) -> tuple[dict[str, Any], list[
 def open_segmentation(path: str | os.PathLike) -> Segmentation:
     """Open a segmentation output, or raise :class:`InputError` saying why it cannot be used."""
     path = os.fspath(path).rstrip("/")
-    if not os.path.exists(path):
+    try:
+        there = exists(path)
+    except Exception as exc:  # only URLs get here: no credentials, endpoint unreachable, ...
+        raise InputError(f"{path}: cannot be read: {describe_failure(exc)}.", remedy(path, exc)) from None
+    if not there:
         raise _fail(path, "no such file or directory.")
     try:
         group = open_group(path)
@@ -108,9 +113,16 @@ def find_input(segmentation: Segmentation) -> str | None:
     run = segmentation.meta.get("run")
     recorded = [segmentation.meta.get("input"), run.get("input") if isinstance(run, dict) else None]
     candidates = [p for p in recorded if isinstance(p, str) and p]
-    folder = os.path.dirname(os.path.abspath(segmentation.path))
-    candidates += [os.path.join(folder, p) for p in candidates if not os.path.isabs(p)]
-    return next((c for c in candidates if os.path.exists(c.rstrip("/"))), None)
+    folder = parent(segmentation.path)
+    candidates += [join(folder, p) for p in candidates if not is_url(p) and not os.path.isabs(p)]
+    return next((c for c in candidates if _exists(c)), None)
+
+
+def _exists(path: str) -> bool:
+    try:
+        return exists(path)
+    except Exception:  # an unreachable input only costs the drawing under the mask
+        return False
 
 
 def _finite3(values: Any) -> tuple[float, float, float] | None:

@@ -15,6 +15,7 @@ import numpy as np
 from .errors import InputError
 from .geometry import Box, Shape, ceil_div
 from .mrc import MrcInfo, inspect_mrc, read_mrc_region
+from .storage import describe_failure, exists, is_url, isdir, remedy
 from .zarr_io import ZarrInput, describe_zarr_input, read_region
 
 __all__ = ["VolumeSource", "open_volume", "read_volume", "read_native", "intensity_statistics", "is_zarr_path"]
@@ -23,8 +24,9 @@ STATS_SAMPLE_VOXELS = 16_000_000  # statistics from about this many voxels, what
 
 
 def is_zarr_path(path: str) -> bool:
+    """A Zarr store by name (``.zarr``) or because it is a folder (a prefix, for a URL)."""
     stripped = path.rstrip("/")
-    return ".zarr" in stripped or os.path.isdir(stripped)
+    return ".zarr" in stripped or isdir(stripped)
 
 
 @dataclass(frozen=True)
@@ -50,11 +52,16 @@ class VolumeSource:
 
 
 def open_volume(path: str | os.PathLike) -> VolumeSource:
-    """Describe the volume at ``path`` (an MRC file, a Zarr array or an OME-Zarr group)."""
+    """Describe the volume at ``path`` (an MRC file, a Zarr array or an OME-Zarr group; local or a URL)."""
     path = os.fspath(path)
-    if not os.path.exists(path.rstrip("/")):
-        raise InputError(f"{path}: no such file or directory.", "Check the input path.")
-    if is_zarr_path(path):
+    try:
+        there = exists(path)
+        zarr_like = there and is_zarr_path(path)
+    except Exception as exc:  # only URLs get here: no credentials, endpoint unreachable, ...
+        raise InputError(f"{path}: cannot be read: {describe_failure(exc)}.", remedy(path, exc)) from None
+    if not there:
+        raise InputError(f"{path}: no such file or directory.", remedy(path) if is_url(path) else "Check the input path.")
+    if zarr_like:
         info = describe_zarr_input(path)
         return VolumeSource(path, info.shape, info.dtype, info.voxel_size, zarr=info)
     mrc = inspect_mrc(path)

@@ -1,6 +1,7 @@
 """All Zarr I/O: creating OME-Zarr groups and arrays, and reading or writing one region.
 
-Arrays are always addressed by path so that tasks carry strings, never open handles. A region
+Arrays are always addressed by path (a local path or an fsspec URL such as ``s3://bucket/seg.zarr/0``,
+see :mod:`tilesegment.storage`) so that tasks carry strings, never open handles. A region
 written here is always a whole number of write units (chunks for Zarr v2, shards for v3) or the
 clipped end of the array, and each write unit is written by one task only: there is no
 read-modify-write and no lock.
@@ -21,6 +22,7 @@ from zarr.codecs import BloscCodec
 from .errors import InputError, OptionError, OutputError
 from .geometry import Box, Shape, ceil_div, shape_option
 from .ome import dataset_voxel_sizes, read_ome_attrs, zarr_format_for
+from .storage import describe_failure, exists, filesystem, is_url, parent, remedy, zarr_store
 
 __all__ = [
     "ArraySpec",
@@ -28,6 +30,7 @@ __all__ = [
     "create_group",
     "create_array",
     "open_group",
+    "open_array",
     "read_region",
     "write_region",
     "describe_zarr_input",
@@ -73,16 +76,39 @@ def _compressor(zarr_format: int, dtype: np.dtype):
 
 def create_group(path: str, ngff: str, overwrite: bool = False) -> zarr.Group:
     """Create an empty group for an OME-Zarr of version ``ngff``; refuse to replace data unless asked."""
-    if os.path.exists(path) and not overwrite:
+    try:
+        there = exists(path)
+    except Exception as exc:  # only URLs get here: no credentials, endpoint unreachable, ...
+        raise OutputError(f"cannot create {path}: {describe_failure(exc)}.", remedy(path, exc)) from None
+    if there and not overwrite:
         raise OutputError(f"{path} already exists.", "Choose another output path, or pass --overwrite to replace it.")
     try:
-        return zarr.open_group(path, mode="w", zarr_format=zarr_format_for(ngff))
-    except OSError as exc:
-        raise OutputError(f"cannot create {path}: {exc.strerror or exc}.", "Check that the parent folder exists and is writable.") from None
+        if is_url(path):
+            _check_writable(path)
+        return zarr.open_group(zarr_store(path, "w"), mode="w", zarr_format=zarr_format_for(ngff))
+    except Exception as exc:
+        if is_url(path):
+            raise OutputError(f"cannot create {path}: {describe_failure(exc)}.", remedy(path, exc)) from None
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot create {path}: {exc.strerror or exc}.", "Check that the parent folder exists and is writable.") from None
+        raise
+
+
+def _check_writable(url: str) -> None:
+    """One small PUT (then removed) before Zarr's concurrent writes: a missing bucket or a denied
+    write fails here, cleanly, rather than inside a batch of writes that Zarr abandons half-done."""
+    fs, key = filesystem(url)
+    probe = f"{key.rstrip('/')}/.tilesegment-write-check"
+    fs.pipe_file(probe, b"")
+    fs.rm_file(probe)
 
 
 def open_group(path: str, mode: str = "r") -> zarr.Group:
-    return zarr.open_group(path, mode=mode)
+    return zarr.open_group(zarr_store(path, mode), mode=mode)
+
+
+def open_array(path: str, mode: str = "r") -> zarr.Array:
+    return zarr.open_array(zarr_store(path, mode), mode=mode)
 
 
 def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: Any, spec: ArraySpec,
@@ -111,26 +137,26 @@ def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: An
 
 
 def update_attrs(path: str, attrs: dict[str, Any]) -> None:
-    zarr.open_group(path, mode="r+").attrs.update(attrs)
+    open_group(path, mode="r+").attrs.update(attrs)
 
 
 def read_attrs(path: str) -> dict[str, Any]:
     """The root attributes of the group at ``path`` (``{}`` if there is no readable group)."""
     try:
-        return dict(zarr.open_group(path, mode="r").attrs)
+        return dict(open_group(path).attrs)
     except Exception:
         return {}
 
 
 def read_region(path: str, box: Box) -> np.ndarray:
     """Read ``box`` of the (z, y, x) or (c, z, y, x) array at ``path``."""
-    array = zarr.open_array(path, mode="r")
+    array = open_array(path)
     return np.asarray(array[(Ellipsis, *box.slices())])
 
 
 def write_region(path: str, box: Box, data: np.ndarray) -> None:
     """Write ``data`` into ``box`` (whole write units only; see module docstring)."""
-    array = zarr.open_array(path, mode="r+")
+    array = open_array(path, mode="r+")
     array[(Ellipsis, *box.slices())] = data
 
 
@@ -156,16 +182,18 @@ def _voxel_size(ome: dict[str, Any], axes_count: int) -> tuple[float, float, flo
 def describe_zarr_input(path: str) -> ZarrInput:
     """Find the volume in a Zarr array or OME-Zarr group, or say clearly why there is none."""
     try:
-        node = zarr.open(path, mode="r")
+        node = zarr.open(zarr_store(path), mode="r")
     except Exception as exc:
+        if is_url(path) and not isinstance(exc, (zarr.errors.BaseZarrError, ValueError, KeyError, TypeError, FileNotFoundError)):
+            raise InputError(f"{path}: cannot be read: {describe_failure(exc)}.", remedy(path, exc)) from None
         raise InputError(f"{path}: not a readable Zarr store ({type(exc).__name__}: {exc}).",
                          "Give an .mrc file, a Zarr array, or an OME-Zarr group (e.g. from 'tileseg convert').") from None
     if isinstance(node, zarr.Array):
         array, array_path, levels, voxel, origin = node, path, (path,), None, (0.0, 0.0, 0.0)
-        parent = os.path.dirname(path.rstrip("/"))
-        if parent and os.path.exists(parent):
+        folder = parent(path) if is_url(path) else os.path.dirname(path.rstrip("/"))
+        if folder and (is_url(folder) or os.path.exists(folder)):
             try:
-                ome = read_ome_attrs(dict(zarr.open_group(parent, mode="r").attrs))
+                ome = read_ome_attrs(dict(open_group(folder).attrs))
                 voxel = _voxel_size(ome, array.ndim)
             except Exception:
                 voxel = None
