@@ -323,11 +323,10 @@ def install_read_counter(directory: str, role: str) -> Callable[[], None]:
     local = threading.local()
 
     def dump() -> None:
-        with lock:
-            text = json.dumps(counts)
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+        with lock:  # two blocks run at once in an in-process worker: one writer at a time
+            with open(path + ".tmp", "w") as f:
+                f.write(json.dumps(counts))
+            os.replace(path + ".tmp", path)
 
     def add(**values: Any) -> None:
         with lock:
