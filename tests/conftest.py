@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import sys
 import warnings
 
 import mrcfile
@@ -109,3 +113,18 @@ def blobs(shape, seed: int = 0, count: int | None = None, snr: float = 1.0) -> t
         clean[sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii)) <= 1.0] = 1.0
     noisy = clean + rng.normal(0.0, (clean.std() or 1.0) / np.sqrt(snr), size=shape).astype(np.float32)
     return noisy.astype(np.float32), (clean > 0).astype(np.uint8)
+
+
+@contextlib.contextmanager
+def process_holding_lock(output: str):
+    """Another process that holds ``output``'s lock until the block ends, then dies by SIGKILL
+    (no clean-up of its own runs, as after a crash)."""
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from tilesegment.lock import OutputLock\n"
+                               f"OutputLock({output!r}).acquire(); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()

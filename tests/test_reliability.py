@@ -8,7 +8,6 @@ import hashlib
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -23,7 +22,7 @@ from tilesegment.lock import OutputLock, lock_holder, lock_path
 from tilesegment.output import describe_output
 from tilesegment.pipeline import segment
 
-from .conftest import random_volume, write_mrc
+from .conftest import process_holding_lock, random_volume, write_mrc
 from .test_cli import TILESEG, assert_one_line_error, tileseg
 from .test_cluster import dask_cluster
 
@@ -86,17 +85,10 @@ def test_journal_records_counts_and_pieces_atomically(tmp_path):
 
 def test_a_second_writer_is_refused_and_a_killed_holder_leaves_no_stale_lock(tmp_path):
     out = str(tmp_path / "seg.zarr")
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from tilesegment.lock import OutputLock\n"
-                               f"lock = OutputLock({out!r}); lock.acquire(); print('held', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with process_holding_lock(out) as holder:
         assert lock_holder(out)["pid"] == holder.pid
         with pytest.raises(OutputError, match=f"pid {holder.pid}"):
             OutputLock(out).acquire()
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
     assert lock_holder(out) is None  # the kernel dropped the dead process's lock
     with OutputLock(out):
         assert lock_holder(out)["pid"] == os.getpid()

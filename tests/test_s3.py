@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 
@@ -34,7 +33,7 @@ from tilesegment.output import describe_output
 from tilesegment.pipeline import segment
 from tilesegment.storage import filesystem, zarr_store
 
-from .conftest import mrc_file, random_volume, write_mrc
+from .conftest import process_holding_lock, mrc_file, random_volume, write_mrc
 from .test_cli import TILESEG, assert_one_line_error, tileseg
 from .test_reliability import wait_for_blocks
 
@@ -364,17 +363,10 @@ def test_the_lock_object_refuses_a_second_writer_and_is_removed_on_release(prefi
 
 def test_a_killed_holder_on_this_machine_leaves_no_stale_lock(prefix):
     out = f"{prefix}/seg.zarr"
-    holder = subprocess.Popen([sys.executable, "-c", "import time; from tilesegment.lock import OutputLock\n"
-                               f"OutputLock({out!r}).acquire(); print('held', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with process_holding_lock(out) as holder:
         assert lock_holder(out)["pid"] == holder.pid
         with pytest.raises(OutputError, match=f"pid {holder.pid}"):
             OutputLock(out).acquire()
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
     fs, key = filesystem(lock_path(out))
     assert fs.exists(key)  # nobody removed the object ...
     assert lock_holder(out) is None  # ... but its owner is gone: it is stale at once
