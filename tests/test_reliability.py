@@ -21,6 +21,7 @@ from tilesegment.journal import BlockJournal
 from tilesegment.lock import OutputLock, lock_holder, lock_path
 from tilesegment.output import describe_output
 from tilesegment.pipeline import segment
+from tilesegment.storage import exists, join, zarr_store
 
 from .conftest import process_holding_lock, random_volume, write_mrc
 from .test_cli import TILESEG, assert_one_line_error, tileseg
@@ -30,20 +31,21 @@ SETTINGS = dict(tile=16, chunk=8, block=16, probabilities=True, probability_dtyp
 
 
 def arrays(path: str) -> tuple[np.ndarray, np.ndarray]:
-    group = zarr.open_group(path, mode="r")
+    group = zarr.open_group(zarr_store(path), mode="r")
     return np.asarray(group["0"][:]), np.asarray(group["probabilities/0"][:])
 
 
 def assert_same_output(path: str, reference: str, exact: bool = True) -> None:
+    """Same labels and probabilities as ``reference``, complete, and no journal or lock left (local or URL)."""
     (labels, probs), (ref_labels, ref_probs) = arrays(path), arrays(reference)
     np.testing.assert_array_equal(labels, ref_labels)
     if exact:
         np.testing.assert_array_equal(probs, ref_probs)
     else:  # another process tree may use other thread counts: float sums in another order
         np.testing.assert_allclose(probs, ref_probs, atol=1e-6)
-    group = zarr.open_group(path, mode="r")
+    group = zarr.open_group(zarr_store(path), mode="r")
     assert group.attrs["tilesegment"]["status"] == "complete" and "multiscales" in group.attrs
-    assert not os.path.exists(os.path.join(path, ".tilesegment-journal")) and not os.path.exists(lock_path(path))
+    assert not exists(join(path, ".tilesegment-journal")) and not exists(lock_path(path))
 
 
 def sha256(path: str) -> str:

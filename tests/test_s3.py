@@ -35,7 +35,7 @@ from tilesegment.storage import filesystem, zarr_store
 
 from .conftest import process_holding_lock, mrc_file, random_volume, write_mrc
 from .test_cli import TILESEG, assert_one_line_error, tileseg
-from .test_reliability import wait_for_blocks
+from .test_reliability import assert_same_output, wait_for_blocks
 
 pytest.importorskip("moto.server", reason="the S3 tests need moto[server]")
 pytest.importorskip("s3fs", reason="the S3 tests need s3fs")
@@ -97,24 +97,6 @@ def upload(local: str, url: str) -> str:
     return url
 
 
-def arrays(path: str) -> tuple[np.ndarray, np.ndarray]:
-    group = zarr.open_group(zarr_store(path), mode="r")
-    return np.asarray(group["0"][:]), np.asarray(group["probabilities/0"][:])
-
-
-def assert_same(path: str, reference: str, exact: bool = True) -> None:
-    (labels, probs), (ref_labels, ref_probs) = arrays(path), arrays(reference)
-    np.testing.assert_array_equal(labels, ref_labels)
-    if exact:
-        np.testing.assert_array_equal(probs, ref_probs)
-    else:  # another process tree may use other thread counts: float sums in another order
-        np.testing.assert_allclose(probs, ref_probs, atol=1e-6)
-    group = zarr.open_group(zarr_store(path), mode="r")
-    assert group.attrs["tilesegment"]["status"] == "complete" and "multiscales" in group.attrs
-    fs, key = filesystem(path)
-    assert not fs.exists(f"{key}/.tilesegment-journal") and not fs.exists(filesystem(lock_path(path))[1])
-
-
 def settle(client, timeout: float = 60) -> None:
     """Wait until no task is running on any worker, cancelled ones included."""
     deadline = time.time() + timeout
@@ -145,7 +127,7 @@ def test_convert_to_s3_then_run_on_s3_gives_the_labels_of_local_files(tmp_path, 
     assert converted.attrs["multiscales"] == zarr.open_group(local, mode="r").attrs["multiscales"]
 
     segment(f"{prefix}/tomo.zarr", f"{prefix}/seg.zarr", model=small_net, client=client, **SETTINGS)
-    assert_same(f"{prefix}/seg.zarr", reference)
+    assert_same_output(f"{prefix}/seg.zarr", reference)
     with pytest.raises(OutputError, match="--overwrite"):
         segment(f"{prefix}/tomo.zarr", f"{prefix}/seg.zarr", model=small_net, client=client, **SETTINGS)
     for inside in (f"{prefix}/tomo.zarr/seg.zarr", f"{prefix.replace('s3://', 'S3://')}//tomo.zarr/./0"):
@@ -159,7 +141,7 @@ def test_tileseg_run_from_s3_to_s3(tmp_path, prefix, tomogram, small_net, refere
     assert tileseg("convert", tomogram, f"{prefix}/tomo.zarr").returncode == 0
     result = tileseg("run", f"{prefix}/tomo.zarr", f"{prefix}/seg.zarr", "--model", small_net, *OPTIONS)
     assert result.returncode == 0, result.stderr
-    assert_same(f"{prefix}/seg.zarr", reference, exact=False)
+    assert_same_output(f"{prefix}/seg.zarr", reference, exact=False)
     status = tileseg("status", f"{prefix}/seg.zarr")
     assert status.returncode == 0 and "complete" in status.stdout
     assert_one_line_error(tileseg("run", f"{prefix}/tomo.zarr", f"{prefix}/seg.zarr", "--model", small_net, *OPTIONS), 5, "--overwrite")
@@ -229,7 +211,7 @@ def mrc_run(s3, tomogram, small_net, client) -> tuple[str, str]:
 
 def test_an_mrc_input_on_s3_segments_like_the_local_file(mrc_run, reference):
     url, out = mrc_run
-    assert_same(out, reference)
+    assert_same_output(out, reference)
     info = zarr.open_group(zarr_store(out), mode="r").attrs["tilesegment"]
     assert info["input"] == url and info["run"]["input"] == url
 
@@ -258,7 +240,7 @@ def test_a_failed_run_on_s3_is_resumed_to_the_same_output(prefix, tomogram, smal
         segment(src, out, model=small_net, client=client, **SETTINGS)
     report = segment(src, out, model=small_net, client=client, resume=True, **SETTINGS)
     assert report.extra["resumed_blocks"] == len(done)
-    assert_same(out, reference)
+    assert_same_output(out, reference)
 
 
 def test_export_and_preview_read_a_segmentation_on_s3(tmp_path, mrc_run, reference):
@@ -408,7 +390,7 @@ def test_two_worker_processes_reach_the_store(prefix, tomogram, small_net, refer
     """The embedded cluster's worker processes get the endpoint and credentials from the environment."""
     src = upload(tomogram, f"{prefix}/tomo.mrc")
     segment(src, f"{prefix}/seg.zarr", model=small_net, workers=2, **SETTINGS)
-    assert_same(f"{prefix}/seg.zarr", reference, exact=False)
+    assert_same_output(f"{prefix}/seg.zarr", reference, exact=False)
 
 
 @pytest.mark.slow
@@ -430,4 +412,4 @@ def test_resume_on_s3_after_sigkill_of_the_whole_run(tmp_path, prefix, small_net
     assert f"resumed: {len(done)} of {4**3} blocks" in result.stdout
     reference = str(tmp_path / "reference.zarr")
     segment(str(tmp_path / "big.mrc"), reference, model=small_net, client=client, **SETTINGS)
-    assert_same(out, reference, exact=False)
+    assert_same_output(out, reference, exact=False)
