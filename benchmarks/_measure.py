@@ -423,13 +423,14 @@ def child_bare(params: dict[str, Any]) -> None:
 
     from tilesegment.executor import default_torch_threads
     from tilesegment.geometry import Box
-    from tilesegment.model import load_checkpoint, read_checkpoint
+    from tilesegment.model import for_inference, load_checkpoint, read_checkpoint
     from tilesegment.predict import resolve_device
     from tilesegment.volume import intensity_statistics, open_volume, read_volume
 
     source = open_volume(params["input"])
     device = resolve_device(params["device"])
     model, config = load_checkpoint(read_checkpoint(params.get("model")), device)
+    model = for_inference(model)  # the network exactly as tileseg's predictor runs it
     threads = max(1, default_torch_threads() // params.get("workers", 1))
     torch.set_num_threads(threads)
     plan = plan_for(source.shape, params["tile"], params["overlap"])
@@ -582,6 +583,8 @@ def child_segment(params: dict[str, Any]) -> None:
     def on_start(plan: Any, link: Any) -> None:
         marks["on_start"] = clock()
 
+    if params.get("blocks_in_flight"):  # an embedded worker's blocks at a time, other than tileseg's choice
+        executor.blocks_in_flight = lambda device: int(params["blocks_in_flight"])
     kwargs = {key: params[key] for key in ("model", "tile", "overlap", "blend", "batch", "device", "workers") if key in params}
     if params.get("precision"):
         kwargs["precision"] = params["precision"]

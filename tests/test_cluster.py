@@ -85,3 +85,15 @@ def test_run_on_a_real_scheduler_and_two_workers(tmp_path, real_cluster, small_n
         assert remote.attrs["tilesegment"]["tiles_forwarded"] == remote.attrs["tilesegment"]["tiles"]
         np.testing.assert_allclose(remote["probabilities/0"][:], local["probabilities/0"][:], atol=1e-6)
         np.testing.assert_array_equal(remote["0"][:], local["0"][:])
+
+
+def test_embedded_cpu_worker_runs_one_block_at_a_time_without_the_profiler():
+    """On a CPU the network already uses every core: one block per worker, and no Dask profiler
+    sampling the threads (benchmarks/results/blocks_in_flight.md measures why)."""
+    from tilesegment.executor import blocks_in_flight, connect
+
+    assert blocks_in_flight("cpu") == 1 and blocks_in_flight("cuda") == blocks_in_flight("cuda:1") == 2
+    with connect(None, device="cpu") as client:
+        assert list(client.nthreads().values()) == [1]
+        profiling = client.run(lambda dask_worker: any("profile" in name for name in dask_worker.periodic_callbacks))
+        assert list(profiling.values()) == [False]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 
@@ -10,7 +11,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from tilesegment.errors import CheckpointError
-from tilesegment.model import ModelConfig, build_model, checkpoint_bytes, load_checkpoint, read_checkpoint
+from tilesegment.model import ModelConfig, build_model, checkpoint_bytes, for_inference, load_checkpoint, read_checkpoint
 
 
 @pytest.mark.parametrize("architecture", ["ssn3d-encdec", "ssn3d-fcn"])
@@ -20,6 +21,29 @@ def test_networks_are_fully_convolutional(architecture, shape):
     model = build_model(config).eval()
     out = model(torch.zeros(2, 1, *shape))
     assert out.shape == (2, 3, *shape)
+
+
+@pytest.mark.parametrize("architecture", ["ssn3d-encdec", "ssn3d-fcn"])
+def test_inference_form_folds_every_batch_norm_and_computes_the_same(architecture):
+    torch.manual_seed(2)
+    config = ModelConfig(architecture=architecture, channels=(4, 8, 8), class_names=("bg", "a", "b"))
+    model = build_model(config)
+    with torch.no_grad():  # trained-looking statistics and affine parameters, so folding has work to do
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm3d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.3, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    model.eval()
+    x = torch.randn(2, 1, 24, 16, 32)
+    with torch.no_grad():
+        expected = model(x)
+        fused = for_inference(copy.deepcopy(model))
+        got = fused(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in fused.modules())
+    assert sum(isinstance(m, torch.nn.Conv3d) for m in fused.modules()) == sum(isinstance(m, torch.nn.Conv3d) for m in model.modules())
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_checkpoint_round_trip_gives_the_same_network():

@@ -6,11 +6,12 @@
   (workers started later get it too); tasks carry only the model's key.
 * The graph has one ``block`` task per unfinished block (see :mod:`tilesegment.blocks`), which
   depends on its unfinished lower neighbours (whose spill pieces it reads from the run's journal),
-  with falling priority in sweep order so the workers go through the volume plane by plane. A worker
-  runs two blocks at once (two threads): while one block's tiles are on the network, the other reads
-  its input or blends and writes its output; the predictor lets one forward at a time use the
-  device. On GPU runs block tasks ask for half a ``GPU`` resource (``dask worker --nthreads 2
-  --resources GPU=1``), so they go only to GPU workers, two at a time.
+  with falling priority in sweep order so the workers go through the volume plane by plane. A GPU
+  worker runs two blocks at once (two threads): while one block's tiles are on the device, the
+  other reads its input or blends and writes its output; the predictor lets one forward at a time
+  use the device. GPU block tasks ask for half a ``GPU`` resource (``dask worker --nthreads 2
+  --resources GPU=1``), so they go only to GPU workers, two at a time. An embedded CPU worker runs
+  one block at a time (:func:`blocks_in_flight`): there the network already uses every core.
 * The embedded cluster of one CPU worker runs in this process (threads, no worker process to start
   and no second copy of PyTorch to import); more workers, or GPUs, get one process each.
 * Lost workers: Dask re-runs the tasks that were on them; a block already in the journal returns
@@ -62,8 +63,9 @@ class ModelPlugin(WorkerPlugin):
 
 @contextlib.contextmanager
 def connect(scheduler: str | None, workers: int | None = None, device: str = "cpu",
-            threads_per_worker: int = 2) -> Iterator[Client]:
-    """A client to ``scheduler`` (address or scheduler file), or to a fresh embedded LocalCluster."""
+            threads_per_worker: int | None = None) -> Iterator[Client]:
+    """A client to ``scheduler`` (address or scheduler file), or to a fresh embedded LocalCluster
+    running ``threads_per_worker`` (default :func:`blocks_in_flight`) blocks at a time per worker."""
     if scheduler:
         kwargs: dict[str, Any] = {"timeout": "5s"}
         if os.path.isfile(scheduler):
@@ -80,8 +82,10 @@ def connect(scheduler: str | None, workers: int | None = None, device: str = "cp
         return
     n_workers = workers or embedded_worker_count(device)
     resources = {"GPU": 1} if device.startswith("cuda") else None
-    with dask.config.set({"distributed.worker.daemon": False}):
-        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=n_workers > 1,
+    # no statistical profiler in the embedded workers: it walks every thread's stack 100 times a
+    # second, about 7 % of a core on a 2-core machine, taken from the network (benchmarks/RESULTS.md)
+    with dask.config.set({"distributed.worker.daemon": False, "distributed.worker.profile.enabled": False}):
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker or blocks_in_flight(device), processes=n_workers > 1,
                                resources=resources, dashboard_address=":0", silence_logs=logging.ERROR)
     with cluster, Client(cluster) as client:
         yield client
@@ -94,6 +98,14 @@ def default_torch_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
         return max(1, os.cpu_count() or 1)
+
+
+def blocks_in_flight(device: str) -> int:
+    """Blocks an embedded worker runs at once. On a GPU two: one block's tiles on the device while
+    the other reads, blends and writes (the predictor lets one forward at a time use the device).
+    On a CPU one: the network already uses every core, and a second block's reading, blending and
+    compression would take them from it (measured in benchmarks/RESULTS.md)."""
+    return 2 if device.startswith("cuda") else 1
 
 
 def embedded_worker_count(device: str) -> int:

@@ -40,6 +40,7 @@ __all__ = [
     "load_checkpoint",
     "read_checkpoint",
     "default_checkpoint_path",
+    "for_inference",
 ]
 
 FORMAT = "tilesegment.checkpoint/1"
@@ -148,6 +149,28 @@ def build_model(config: ModelConfig) -> nn.Module:
                               "Use a checkpoint written by 'tileseg train'.")
     cls = EncoderDecoder if config.architecture == "ssn3d-encdec" else FCN
     return cls(config.in_channels, config.out_channels, tuple(config.channels))
+
+
+def for_inference(model: nn.Module) -> nn.Module:
+    """``model`` (in eval mode) with every batch norm folded into the convolution before it.
+
+    At inference a batch norm is a fixed per-channel scale and shift, which the convolution's
+    weights and bias can absorb: the same function (to float rounding) with one pass over the
+    activations fewer per convolution. Everything that runs the network for a segmentation (the
+    predictor, the benchmarks' bare network and MONAI) runs this form; training never does.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model.eval()
+    for block in model.modules():
+        if not isinstance(block, nn.Sequential):
+            continue
+        layers = list(block)
+        for i in range(len(layers) - 1):
+            conv, norm = layers[i], layers[i + 1]
+            if isinstance(conv, nn.Conv3d) and isinstance(norm, nn.BatchNorm3d):
+                block[i], block[i + 1] = fuse_conv_bn_eval(conv, norm), nn.Identity()
+    return model
 
 
 def checkpoint_bytes(model: nn.Module, config: ModelConfig) -> bytes:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .errors import ClusterError
-from .model import ModelConfig, load_checkpoint
+from .model import ModelConfig, for_inference, load_checkpoint
 
 __all__ = ["Predictor", "model_key", "install_predictor", "get_predictor", "resolve_device", "PRECISIONS", "check_precision"]
 
@@ -59,7 +59,8 @@ class Predictor:
 
     def __init__(self, data: bytes, device: str = "cpu", precision: str = "fp32") -> None:
         self.device = resolve_device(device)
-        self.model, self.config = load_checkpoint(data, self.device)
+        model, self.config = load_checkpoint(data, self.device)
+        self.model = for_inference(model)
         self._pin = self.device.type == "cuda"
         self._autocast = PRECISIONS[precision]
         self._lock = threading.Lock()

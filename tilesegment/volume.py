@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
@@ -106,11 +107,8 @@ def intensity_statistics(source: VolumeSource) -> tuple[float, float]:
 def intensity_statistics_of(source: VolumeSource, step: int) -> tuple[float, float]:
     total = total_sq = 0.0
     count = 0
-    nz, ny, nx = source.shape
-    slab = max(step, ceil_div(4_000_000, max(1, ny * nx // (step * step))) * step)
-    for z0 in range(0, nz, slab):
-        box = Box((z0, 0, 0), (min(nz, z0 + slab), ny, nx))
-        sample = read_native(source, box)[::step, ::step, ::step].astype(np.float64)
+    for z0, sample in _sampled_slabs(source, step):
+        sample = sample.astype(np.float64)
         if not np.isfinite(sample).all():
             raise InputError(f"{source.path}: the volume contains NaN or infinite voxels (seen near z={z0}).",
                              "Replace them (e.g. with the mean) before segmenting; tileseg refuses rather than guess.")
@@ -123,3 +121,19 @@ def intensity_statistics_of(source: VolumeSource, step: int) -> tuple[float, flo
         raise InputError(f"{source.path}: the volume is constant (every sampled voxel is {mean:g}).",
                          "Check that this is the right file: an empty or constant tomogram has nothing to segment.")
     return mean, std
+
+
+def _sampled_slabs(source: VolumeSource, step: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``(z, voxels)`` for every ``step``-th voxel along each axis, a few million voxels at a time.
+
+    An MRC file is read one sampled plane at a time (each plane is one contiguous read), so only
+    1/step of the file is read; a Zarr array is read in slabs, since its chunks span many planes.
+    """
+    nz, ny, nx = source.shape
+    if source.mrc is not None and step > 1:
+        for z in range(0, nz, step):
+            yield z, read_native(source, Box((z, 0, 0), (z + 1, ny, nx)))[:, ::step, ::step]
+        return
+    slab = max(step, ceil_div(4_000_000, max(1, ny * nx // (step * step))) * step)
+    for z0 in range(0, nz, slab):
+        yield z0, read_native(source, Box((z0, 0, 0), (min(nz, z0 + slab), ny, nx)))[::step, ::step, ::step]

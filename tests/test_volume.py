@@ -1,0 +1,60 @@
+"""intensity_statistics: the whole-volume mean/std from a regular subsample, against numpy, and what it reads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from tilesegment import volume
+from tilesegment.errors import InputError
+from tilesegment.volume import intensity_statistics, open_volume
+
+from .conftest import write_mrc
+
+
+def subsample_oracle(data: np.ndarray, step: int) -> tuple[float, float]:
+    part = data[::step, ::step, ::step].astype(np.float64)
+    return float(part.mean()), float(part.std())
+
+
+@pytest.fixture
+def data() -> np.ndarray:
+    rng = np.random.default_rng(3)
+    return (rng.normal(5.0, 2.0, (37, 29, 41)) + np.linspace(0, 3, 41)).astype(np.float32)
+
+
+@pytest.mark.parametrize("step_target", [1, 2, 3, 5])
+def test_mrc_statistics_equal_numpy_on_the_same_subsample(tmp_path, monkeypatch, data, step_target):
+    path = write_mrc(tmp_path / "v.mrc", data)
+    # the sample size that makes the step come out at step_target
+    monkeypatch.setattr(volume, "STATS_SAMPLE_VOXELS", data.size / step_target**3)
+    mean, std = intensity_statistics(open_volume(path))
+    np.testing.assert_allclose((mean, std), subsample_oracle(data, step_target), rtol=1e-9)
+
+
+@pytest.mark.parametrize("step_target", [1, 2, 4])
+def test_zarr_statistics_equal_numpy_on_the_same_subsample(tmp_path, monkeypatch, data, step_target):
+    path = str(tmp_path / "v.zarr")
+    zarr.create_array(path, shape=data.shape, chunks=(8, 8, 8), dtype="float32")[...] = data
+    monkeypatch.setattr(volume, "STATS_SAMPLE_VOXELS", data.size / step_target**3)
+    mean, std = intensity_statistics(open_volume(path))
+    np.testing.assert_allclose((mean, std), subsample_oracle(data, step_target), rtol=1e-9)
+
+
+def test_mrc_statistics_read_only_the_sampled_planes(tmp_path, monkeypatch, data):
+    path = write_mrc(tmp_path / "v.mrc", data)
+    monkeypatch.setattr(volume, "STATS_SAMPLE_VOXELS", data.size / 27)  # step 3
+    read, real_read = [], volume.read_mrc_region
+    monkeypatch.setattr(volume, "read_mrc_region", lambda info, box: read.append(box) or real_read(info, box))
+    intensity_statistics(open_volume(path))
+    planes = sorted(z for box in read for z in range(box.start[0], box.stop[0]))
+    assert planes == list(range(0, data.shape[0], 3))
+
+
+def test_nan_in_a_sampled_plane_is_refused_with_its_place(tmp_path, monkeypatch, data):
+    data[12, 3, 6] = np.nan
+    path = write_mrc(tmp_path / "v.mrc", data)
+    monkeypatch.setattr(volume, "STATS_SAMPLE_VOXELS", data.size / 27)
+    with pytest.raises(InputError, match="z=12"):
+        intensity_statistics(open_volume(path))
