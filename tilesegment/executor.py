@@ -85,8 +85,8 @@ def connect(scheduler: str | None, workers: int | None = None, device: str = "cp
     # no statistical profiler in the embedded workers: it walks every thread's stack 100 times a
     # second, about 7 % of a core on a 2-core machine, taken from the network (benchmarks/RESULTS.md)
     with dask.config.set({"distributed.worker.daemon": False, "distributed.worker.profile.enabled": False}):
-        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker or blocks_in_flight(device), processes=n_workers > 1,
-                               resources=resources, dashboard_address=":0", silence_logs=logging.ERROR)
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker or blocks_in_flight(device),
+                               processes=n_workers > 1, resources=resources, dashboard_address=":0", silence_logs=logging.ERROR)
     with cluster, Client(cluster) as client:
         yield client
 
