@@ -9,7 +9,9 @@ encoder-decoder), tile 64, overlap 0.25, gaussian blending and batch 4 everywher
    I/O) against `segment()`'s end-to-end wall time (MRC in, compressed Zarr out, cluster start-up
    included, and also without it);
 2. the peer: MONAI's `sliding_window_inference` (same tile, overlap, gaussian window, batch, model
-   + softmax, threads) on the same volume held in memory: wall time and peak RSS against tileseg's;
+   + softmax, threads) on the same volume held in memory: wall time and peak RSS against tileseg's
+   (1 and 2 run in ``--rounds`` rounds of bare network, ``segment()`` and MONAI one after the other;
+   ratios are taken within a round and their median reported, as single runs on a VM vary);
 3. scale: wall time and peak RSS of `segment()` at each size, plus one volume larger than MONAI
    could hold in this machine's RAM (an identity network there, said so in the table);
 4. tiles forwarded over the global grid's tile count, and the bytes read from the input, computed
