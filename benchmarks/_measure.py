@@ -207,6 +207,16 @@ def write_result(params: dict[str, Any], result: dict[str, Any]) -> None:
 # the machine
 
 
+def save_report(out_dir: str, name: str, result: dict[str, Any], text: str) -> None:
+    """Write a benchmark's ``NAME.json`` and ``NAME.md`` into ``out_dir`` and print the markdown."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
 def machine_info() -> dict[str, Any]:
     import torch
 

@@ -25,11 +25,11 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _measure import CHILDREN, child_main, machine_info, machine_line, phases_of, spawn_child, write_noise_mrc  # noqa: E402
+from _measure import CHILDREN, child_main, machine_info, machine_line, phases_of, save_report, spawn_child, write_noise_mrc  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SETTINGS = {"tile": 64, "overlap": 0.25, "blend": "gaussian", "batch": 4, "device": "cpu", "model": None}
-CASES = ("bare", "1 block in flight", "2 blocks in flight")
+CASES = {"bare": 0, "1 block in flight": 1, "2 blocks in flight": 2}  # case: blocks in flight (0: the bare network)
 
 
 def log(message: str) -> None:
@@ -77,8 +77,8 @@ def main() -> None:
         for round_ in range(args.rounds):
             for case in CASES:
                 params = {**SETTINGS, "input": volume}
-                if case != "bare":
-                    params.update(output=os.path.join(workdir, "out.zarr"), blocks_in_flight=int(case[0]))
+                if CASES[case]:
+                    params.update(output=os.path.join(workdir, "out.zarr"), blocks_in_flight=CASES[case])
                 result, peaks = spawn_child(script, "bare" if case == "bare" else "segment", params, workdir)
                 row = {"seconds": result["seconds"], "cpu_seconds": result["cpu_seconds"], "peak_rss_mib": max(peaks["root"], peaks["child"])}
                 if case != "bare":
@@ -88,13 +88,7 @@ def main() -> None:
     result = {"command": " ".join(["python", os.path.relpath(script), *sys.argv[1:]]), "date": time.strftime("%Y-%m-%d %H:%M"),
               "machine": machine_info(), "settings": {**SETTINGS, "size": args.size, "rounds": args.rounds}, "runs": runs,
               "total_seconds": time.perf_counter() - started}
-    text = markdown(result)
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "blocks_in_flight.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(args.out_dir, "blocks_in_flight.md"), "w") as f:
-        f.write(text)
-    print(text)
+    save_report(args.out_dir, "blocks_in_flight", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import os
 import shutil
 import sys
@@ -35,7 +34,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _measure import (CHILDREN, READ_COUNTS_ENV, child_main, code_fingerprint, machine_info, machine_line, phases_of,  # noqa: E402
-                      read_counts, spawn_child, write_noise_mrc)
+                      read_counts, save_report, spawn_child, write_noise_mrc)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGET = 0.85  # tileseg's throughput over the bare network's, at least
@@ -145,13 +144,7 @@ def main() -> int:
             row["ratio_after_cluster_up"] = voxels / after / bare_rate
             log(f"  {run['seconds']:.2f} s: {row['ratio']:.3f} of the bare throughput")
             result["rows"].append(row)
-    text = markdown(result)
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "gpu.json"), "w") as f:
-        json.dump(result, f, indent=2, default=str)
-    with open(os.path.join(args.out_dir, "gpu.md"), "w") as f:
-        f.write(text)
-    print(text)
+    save_report(args.out_dir, "gpu", result, markdown(result))
     return 0
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import inspect
-import json
 import math
 import os
 import shutil
@@ -45,7 +44,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _measure import (CHILDREN, GIB, MIB, child_main, code_fingerprint, machine_info, phases_of, machine_line, meminfo_bytes, plan_for,  # noqa: E402
-                      planned_block_read_bytes, read_counts, spawn_child, write_noise_mrc, write_result, identity_checkpoint)
+                      planned_block_read_bytes, read_counts, save_report, spawn_child, write_noise_mrc, write_result, identity_checkpoint)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SETTINGS = {"tile": 64, "overlap": 0.25, "blend": "gaussian", "batch": 4, "device": "cpu"}
@@ -648,13 +647,7 @@ def main() -> None:
     result["source_fingerprint_end"] = code_fingerprint()
     for r in scale + workers:
         r.pop("output", None)
-    text = markdown(result)
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "performance.json"), "w") as f:
-        json.dump(result, f, indent=2, default=str)
-    with open(os.path.join(args.out_dir, "performance.md"), "w") as f:
-        f.write(text)
-    print(text)
+    save_report(args.out_dir, "performance", result, markdown(result))
 
 
 if __name__ == "__main__":
