@@ -433,6 +433,7 @@ def child_bare(params: dict[str, Any]) -> None:
 
     from tilesegment.executor import default_torch_threads
     from tilesegment.geometry import Box
+    from tilesegment.allocator import keep_freed_memory
     from tilesegment.model import for_inference, load_checkpoint, read_checkpoint
     from tilesegment.predict import resolve_device
     from tilesegment.volume import intensity_statistics, open_volume, read_volume
@@ -441,6 +442,8 @@ def child_bare(params: dict[str, Any]) -> None:
     device = resolve_device(params["device"])
     model, config = load_checkpoint(read_checkpoint(params.get("model")), device)
     model = for_inference(model)  # the network exactly as tileseg's predictor runs it
+    if params.get("keep_freed_memory", True):  # the process as tileseg's workers run it (benchmarks/allocator.py)
+        keep_freed_memory()
     threads = max(1, default_torch_threads() // params.get("workers", 1))
     torch.set_num_threads(threads)
     plan = plan_for(source.shape, params["tile"], params["overlap"])

@@ -68,6 +68,7 @@ def child_monai(params: dict[str, Any]) -> None:
     import torch
     from monai.inferers import sliding_window_inference
 
+    from tilesegment.allocator import keep_freed_memory
     from tilesegment.executor import default_torch_threads
     from tilesegment.model import for_inference, load_checkpoint, read_checkpoint
 
@@ -77,6 +78,7 @@ def child_monai(params: dict[str, Any]) -> None:
     torch.set_num_threads(threads)
     model, config = load_checkpoint(read_checkpoint(params.get("model")), "cpu")
     model = for_inference(model)  # the network exactly as tileseg's predictor runs it
+    keep_freed_memory()  # and the process as tileseg's workers run it
     tile, batch = (params["tile"],) * 3, params["batch"]
     forwarded = {"tiles": 0, "calls": 0}
 

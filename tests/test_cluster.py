@@ -87,9 +87,9 @@ def test_run_on_a_real_scheduler_and_two_workers(tmp_path, real_cluster, small_n
         np.testing.assert_array_equal(remote["0"][:], local["0"][:])
 
 
-def test_embedded_cpu_worker_runs_one_block_at_a_time_without_the_profiler():
-    """On a CPU the network already uses every core: one block per worker, and no Dask profiler
-    sampling the threads (benchmarks/results/blocks_in_flight.md measures why)."""
+def test_embedded_cpu_worker_runs_one_block_at_a_time_with_little_housekeeping():
+    """On a CPU the network already uses every core: one block per worker, no Dask profiler sampling
+    the threads, and slow housekeeping timers (benchmarks/RESULTS.md measures why)."""
     from tilesegment.executor import blocks_in_flight, connect
 
     assert blocks_in_flight("cpu") == 1 and blocks_in_flight("cuda") == blocks_in_flight("cuda:1") == 2
@@ -97,3 +97,6 @@ def test_embedded_cpu_worker_runs_one_block_at_a_time_without_the_profiler():
         assert list(client.nthreads().values()) == [1]
         profiling = client.run(lambda dask_worker: any("profile" in name for name in dask_worker.periodic_callbacks))
         assert list(profiling.values()) == [False]
+        # housekeeping no more often than once a second (Dask's defaults: 20 ms, 100 ms, 500 ms)
+        intervals = client.run(lambda dask_worker: {k: dask_worker.periodic_callbacks[k].callback_time for k in ("tick", "memory_monitor", "monitor")})
+        assert all(ms >= 1000 for ms in next(iter(intervals.values())).values()), intervals

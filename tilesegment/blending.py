@@ -54,7 +54,7 @@ def accumulate(acc: np.ndarray, acc_box: Box, prediction: np.ndarray, tile_box: 
     """Add one tile's ``(C, *tile)`` prediction, weighted, into ``acc`` (which covers ``acc_box``).
 
     Only the part of the tile inside ``acc_box`` is added: a tile that reaches past a small volume
-    contributes nothing outside it.
+    contributes nothing outside it. The weighting happens in place: ``prediction`` is used up.
     """
     overlap = tile_box.intersect(acc_box)
     if overlap.empty:
@@ -62,7 +62,9 @@ def accumulate(acc: np.ndarray, acc_box: Box, prediction: np.ndarray, tile_box: 
     dst = overlap.slices(acc_box)
     src = overlap.slices(tile_box)
     w = weights[src]
-    acc[(slice(None, -1), *dst)] += prediction[(slice(None), *src)] * w
+    weighted = prediction[(slice(None), *src)]
+    weighted *= w
+    acc[(slice(None, -1), *dst)] += weighted
     acc[(-1, *dst)] += w
 
 

@@ -92,9 +92,21 @@ def forward_tiles(job: BlockJob, index: Shape, acc: np.ndarray, acc_box: Box) ->
 
 
 def to_labels(probabilities: np.ndarray, rule: str, dtype: str) -> np.ndarray:
-    if rule == "argmax":
-        return np.argmax(probabilities, axis=0).astype(dtype)
-    return (probabilities[0] > 0.5).astype(dtype)
+    """Class labels of ``(C, ...)`` probabilities: the first most probable class (``np.argmax``'s
+    answer, ties included), or channel 0 above one half for a one-channel (sigmoid) network."""
+    if rule != "argmax":
+        return (probabilities[0] > 0.5).astype(dtype)
+    if len(probabilities) == 1:
+        return np.zeros(probabilities.shape[1:], dtype)
+    # whole-array comparisons, class by class: argmax along a leading axis walks the data with a
+    # stride and took 4x (many classes) to 50x (two classes) as long on a block
+    labels = np.greater(probabilities[1], probabilities[0]).astype(dtype)
+    if len(probabilities) > 2:
+        best = np.maximum(probabilities[0], probabilities[1])
+        for c in range(2, len(probabilities)):
+            np.putmask(labels, probabilities[c] > best, c)
+            np.maximum(best, probabilities[c], out=best)
+    return labels
 
 
 def to_probability_dtype(probabilities: np.ndarray, dtype: str) -> np.ndarray:

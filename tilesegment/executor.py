@@ -31,6 +31,7 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from distributed import Client, LocalCluster, as_completed
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from .allocator import GLIBC_TUNABLES, KEEP_BELOW
 from .blocks import BlockJob, BlockResult, process_block, set_progress_hook
 from .errors import ClusterError
 
@@ -39,6 +40,23 @@ __all__ = ["connect", "ModelPlugin", "install_model", "run_blocks", "map_tasks",
 log = logging.getLogger(__name__)
 
 PROGRESS_TOPIC = "tilesegment-tiles"  # workers report forwarded tiles per batch here
+
+#: Dask settings of the embedded cluster. Its periodic housekeeping runs on the cores the network
+#: uses: the statistical profiler walks every thread's stack 100 times a second (about 7 % of a core
+#: on a 2-core machine), and the event-loop tick (every 20 ms), the worker's memory monitor (100 ms)
+#: and the system monitor (500 ms) took 4.5 % of a core on an idle embedded cluster, 0.7 % at these
+#: intervals (benchmarks/RESULTS.md). Memory limits are still enforced, within a second.
+EMBEDDED_CONFIG = {
+    "distributed.worker.daemon": False,
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+    "distributed.worker.memory.monitor-interval": "1s",
+    "distributed.admin.system-monitor.interval": "2s",
+    # worker processes keep freed memory for the next forward (tilesegment.allocator), which
+    # replaces Dask's own setting of the opposite (return it above 64 kB)
+    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": KEEP_BELOW,
+    "distributed.nanny.pre-spawn-environ.GLIBC_TUNABLES": GLIBC_TUNABLES,
+}
 
 
 class ModelPlugin(WorkerPlugin):
@@ -82,9 +100,7 @@ def connect(scheduler: str | None, workers: int | None = None, device: str = "cp
         return
     n_workers = workers or embedded_worker_count(device)
     resources = {"GPU": 1} if device.startswith("cuda") else None
-    # no statistical profiler in the embedded workers: it walks every thread's stack 100 times a
-    # second, about 7 % of a core on a 2-core machine, taken from the network (benchmarks/RESULTS.md)
-    with dask.config.set({"distributed.worker.daemon": False, "distributed.worker.profile.enabled": False}):
+    with dask.config.set(EMBEDDED_CONFIG):
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker or blocks_in_flight(device),
                                processes=n_workers > 1, resources=resources, dashboard_address=":0", silence_logs=logging.ERROR)
     with cluster, Client(cluster) as client:

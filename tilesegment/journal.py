@@ -62,10 +62,10 @@ class BlockJournal:
         """Mark ``index`` done with its result ``counts`` and outgoing ``pieces`` (by offset)."""
         arrays = {_piece_name(offset): piece for offset, piece in pieces.items()}
         arrays[_RESULT] = np.asarray(counts, dtype=np.int64)
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
         final = self.path(index)
         if is_url(final):  # one PUT: the object appears whole; a retry or twin writes the same bytes
+            buffer = io.BytesIO()
+            np.savez(buffer, **arrays)
             fs, key = filesystem(final)
             fs.pipe_file(key, buffer.getvalue())
             return
@@ -73,7 +73,7 @@ class BlockJournal:
         partial = f"{final}.{uuid.uuid4().hex}.partial"
         try:
             with open(partial, "wb") as f:
-                f.write(buffer.getbuffer())
+                np.savez(f, **arrays)
             os.replace(partial, final)  # a retry or speculative twin writes the same bytes: last one wins
         finally:
             if os.path.exists(partial):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from . import __version__
+from .allocator import keep_freed_memory
 from .blocks import BlockJob
 from .blending import BLEND_MODES
 from .errors import InputError, OptionError
@@ -136,6 +137,7 @@ def segment(
     from .predict import check_precision, model_key, resolve_device
 
     started = time.perf_counter()
+    keep_freed_memory()  # before the embedded cluster's threads first allocate (see tilesegment.allocator)
     input_path, output = os.fspath(input_path), os.fspath(output)
     output = normalize(output) if is_url(output) else os.path.normpath(output)
     if blend not in BLEND_MODES:

@@ -13,6 +13,7 @@ import threading
 import numpy as np
 import torch
 
+from .allocator import keep_freed_memory
 from .errors import ClusterError
 from .model import ModelConfig, for_inference, load_checkpoint
 
@@ -92,7 +93,9 @@ def _activate(y: torch.Tensor, config: ModelConfig) -> torch.Tensor:
 
 def install_predictor(key: str, data: bytes, device: str = "cpu", threads: int | None = None,
                       precision: str = "fp32") -> Predictor:
-    """Load the model for ``key`` in this process, once."""
+    """Load the model for ``key`` in this process, once (and keep freed memory for reuse, see
+    :mod:`tilesegment.allocator`: before this process's worker threads first allocate)."""
+    keep_freed_memory()
     with _LOCK:
         if threads:
             torch.set_num_threads(threads)

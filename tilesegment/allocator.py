@@ -1,0 +1,66 @@
+"""Keep freed memory in the process for reuse, so that every forward does not page-fault it back.
+
+A forward of a 64³ batch allocates and frees activations of 30-70 MB. glibc's malloc serves blocks
+above 32 MB with fresh ``mmap`` regions and unmaps them again on ``free``: every forward then makes
+the kernel find and zero those pages once more (about 160 000 page faults per batch of 4 of the
+default network, nearly half its CPU time; ``benchmarks/allocator.py``). Raising the mmap and trim
+thresholds keeps that memory in the heap for the next forward. One arena for all threads keeps a
+worker thread's blocks in the main heap too: a thread's own arena maps a block above 64 MB afresh,
+and drops its extra heaps once they are empty. glibc fixes a thread's arena at the thread's first
+allocation, so :func:`~tilesegment.pipeline.segment` applies this before it starts the embedded
+cluster (a worker process gets :data:`GLIBC_TUNABLES` in its environment; a worker started by hand
+gets the setting when it loads the model, which may be after its threads chose their arenas). The
+process's peak memory grows a little (memory is held at its peak instead of being handed back
+between forwards, and the heap fragments).
+
+Only glibc has ``mallopt``; elsewhere (macOS, musl) this does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import sys
+import threading
+
+__all__ = ["keep_freed_memory", "KEEP_BELOW", "GLIBC_TUNABLES"]
+
+log = logging.getLogger(__name__)
+
+#: Blocks below this size come from (and go back to) the heap, not mmap; free memory at the top of
+#: the heap is returned to the kernel only beyond it. Well above a forward's transient memory.
+KEEP_BELOW = 1 << 30
+
+#: The same settings for a process about to start (read by glibc before anything allocates, so
+#: the single arena always holds): the environment of the worker processes tileseg spawns.
+GLIBC_TUNABLES = f"glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold={KEEP_BELOW}:glibc.malloc.trim_threshold={KEEP_BELOW}"
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+_LOCK = threading.Lock()
+_applied: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Apply the settings once per process; True where they took effect (glibc)."""
+    global _applied
+    with _LOCK:
+        if _applied is None:
+            _applied = _apply()
+        return _applied
+
+
+def _apply() -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    done = all(mallopt(option, value) == 1 for option, value in
+               ((_M_MMAP_THRESHOLD, KEEP_BELOW), (_M_TRIM_THRESHOLD, KEEP_BELOW), (_M_ARENA_MAX, 1)))
+    if not done:
+        log.debug("mallopt refused a setting; freed memory may be returned to the kernel between forwards")
+    return done
