@@ -435,6 +435,7 @@ def child_bare(params: dict[str, Any]) -> None:
     from tilesegment.geometry import Box
     from tilesegment.allocator import keep_freed_memory
     from tilesegment.model import for_inference, load_checkpoint, read_checkpoint
+    from tilesegment.plan import batches as split_batches
     from tilesegment.predict import resolve_device
     from tilesegment.volume import intensity_statistics, open_volume, read_volume
 
@@ -471,8 +472,8 @@ def child_bare(params: dict[str, Any]) -> None:
     batch_bytes = len(tiles) * math.prod(plan.grid.tile) * 4
     if device.type == "cuda" and batch_bytes > torch.cuda.mem_get_info(device)[0] / 4:
         staged = "host (pinned; copies timed)"
-    batches = [torch.from_numpy(np.stack([data[t.slices(bounds)] for t in tiles[i : i + batch]]))[:, None]
-               for i in range(0, len(tiles), batch)]
+    # in tileseg's batches (no lone leftover tile), over the whole grid at once
+    batches = [torch.from_numpy(np.stack([data[t.slices(bounds)] for t in group]))[:, None] for group in split_batches(tiles, batch)]
     batches = [x.to(device) if staged == "device" else x.pin_memory() for x in batches]
     del data
     with torch.inference_mode(), autocast:

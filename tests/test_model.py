@@ -7,6 +7,7 @@ import json
 import pickle
 
 import pytest
+import numpy as np
 import torch
 from safetensors.torch import save as save_safetensors
 
@@ -42,6 +43,9 @@ def test_inference_form_folds_every_batch_norm_and_computes_the_same(architectur
         fused = for_inference(copy.deepcopy(model))
         got = fused(x)
     assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in fused.modules())
+    # on the CPU the convolutions run channels-last (oneDNN's fast order), from an ordinary input
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last_3d) and not m.weight.is_contiguous()
+               for m in fused.modules() if isinstance(m, torch.nn.Conv3d) and m.in_channels > 1 and m.kernel_size != (1, 1, 1))
     assert sum(isinstance(m, torch.nn.Conv3d) for m in fused.modules()) == sum(isinstance(m, torch.nn.Conv3d) for m in model.modules())
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
@@ -100,3 +104,17 @@ def test_broken_checkpoints_get_clear_errors(tmp_path):
             load_checkpoint(data)
     with pytest.raises(CheckpointError, match="does not exist"):
         read_checkpoint(tmp_path / "missing.safetensors")
+
+
+def test_predictor_answers_in_numpy_order_what_the_trained_network_computes():
+    from tilesegment.predict import Predictor
+
+    data = read_checkpoint(None)
+    predictor = Predictor(data, "cpu")
+    plain, _ = load_checkpoint(data)
+    tiles = np.random.default_rng(0).standard_normal((3, 32, 32, 32)).astype(np.float32)
+    got = predictor(tiles)
+    assert got.flags.c_contiguous and got.shape == (3, predictor.out_channels, 32, 32, 32)
+    with torch.no_grad():
+        expected = torch.softmax(plain.eval()(torch.from_numpy(tiles)[:, None]), dim=1).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from tilesegment.blending import window
 from tilesegment.errors import OptionError
 from tilesegment.geometry import Box
-from tilesegment.plan import BlockPlan, TileGrid, stride_for, tile_origins
+from tilesegment.plan import BlockPlan, TileGrid, batches, stride_for, tile_origins
 
 
 @st.composite
@@ -132,3 +132,23 @@ def test_box_operations():
     assert Box((2, 2, 2), (4, 4, 4)).slices((1, 1, 1)) == (slice(1, 3),) * 3
     assert sum(p.size for p in a.split((3, 4, 10))) == a.size
     assert Box((3, 3, 3), (9, 9, 9)).scaled_down(2, (4, 4, 4)) == Box((1, 1, 1), (4, 4, 4))
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(0, 200), size=st.integers(1, 32))
+def test_batches_keep_order_and_count_and_leave_no_lone_leftover(n, size):
+    items = list(range(n))
+    groups = batches(items, size)
+    assert [i for group in groups for i in group] == items
+    assert len(groups) == -(-n // size)  # as many forwards as plain slicing makes
+    lengths = [len(group) for group in groups]
+    assert all(1 <= length <= size for length in lengths)
+    assert not lengths or max(lengths) - min(lengths) <= 1
+
+
+def test_batches_split_a_leftover_evenly():
+    assert [len(g) for g in batches(list(range(9)), 4)] == [3, 3, 3]
+    assert [len(g) for g in batches(list(range(5)), 4)] == [2, 3]
+    assert [len(g) for g in batches(list(range(8)), 4)] == [4, 4]
+    with pytest.raises(ValueError):
+        batches([1], 0)

@@ -20,7 +20,7 @@ from .blending import accumulate, add_piece, new_accumulator, normalise, window
 from .errors import InputError
 from .geometry import Box, Shape
 from .journal import BlockJournal
-from .plan import BlockPlan
+from .plan import BlockPlan, batches
 from .volume import VolumeSource, read_volume
 from .zarr_io import write_region
 
@@ -81,8 +81,7 @@ def forward_tiles(job: BlockJob, index: Shape, acc: np.ndarray, acc_box: Box) ->
         data /= np.float32(std)
     weights = window(plan.grid.tile, job.blend)
     predictor = get_predictor(job.model_key)
-    for start in range(0, len(tiles), job.batch_size):
-        batch = tiles[start : start + job.batch_size]
+    for batch in batches(tiles, job.batch_size):
         predictions = predictor(np.stack([data[tile.slices(input_box)] for tile in batch]))
         for tile, prediction in zip(batch, predictions):
             accumulate(acc, acc_box, prediction, tile, weights)

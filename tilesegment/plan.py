@@ -26,16 +26,32 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
-from typing import Iterator
+from typing import Iterator, Sequence, TypeVar
 
 from .errors import OptionError
 from .geometry import Box, Shape, as_shape, ceil_div
 
-__all__ = ["TileGrid", "BlockPlan", "OFFSETS", "SPILL_OFFSETS", "tile_origins", "stride_for"]
+__all__ = ["TileGrid", "BlockPlan", "OFFSETS", "SPILL_OFFSETS", "tile_origins", "stride_for", "batches"]
 
 #: The 8 piece offsets of a block: (0,0,0) is its own region, the others spill into neighbours.
 OFFSETS: tuple[Shape, ...] = tuple(itertools.product((0, 1), repeat=3))  # type: ignore[assignment]
 SPILL_OFFSETS: tuple[Shape, ...] = OFFSETS[1:]
+
+T = TypeVar("T")
+
+
+def batches(items: Sequence[T], size: int) -> list[Sequence[T]]:
+    """``items`` in order, in the fewest batches of at most ``size``, whose sizes differ by at most one.
+
+    As many network forwards as plain slicing would make, but no lone leftover: 9 tiles at batch 4
+    go as 3 + 3 + 3, not 4 + 4 + 1. A CPU network takes nearly as long for one tile as for two
+    (``benchmarks/results/inference_form.json``), so a leftover of one costs most of a forward.
+    """
+    if size < 1:
+        raise ValueError(f"batch size must be at least 1, got {size}")
+    count = ceil_div(len(items), size)
+    edges = [len(items) * k // count for k in range(count + 1)] if count else [0]
+    return [items[a:b] for a, b in zip(edges, edges[1:])]
 
 
 def stride_for(tile: Shape, overlap: float) -> Shape:

@@ -79,7 +79,9 @@ class Predictor:
         with self._lock:
             with torch.autocast(self.device.type, dtype=self._autocast, enabled=self._autocast is not None):
                 y = self.model(x.to(self.device, non_blocking=True))
-            y = _activate(y.float(), self.config)
+            # in the input's order again (a channels-last network answers channels-last): blending
+            # walks the result channel by channel
+            y = _activate(y.float(), self.config).contiguous()
             return y.cpu().numpy()
 
 
