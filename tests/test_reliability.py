@@ -85,6 +85,17 @@ def test_journal_records_counts_and_pieces_atomically(tmp_path):
     assert list(journal.done()) == []
 
 
+def test_a_staged_record_is_invisible_until_committed_and_discarding_leaves_nothing(tmp_path):
+    journal = BlockJournal(str(tmp_path / "out.zarr"))
+    staged = journal.stage((1, 0, 0), (3, 64, 2), {(0, 0, 1): np.ones((2, 2, 2, 2), np.float32)})
+    assert journal.counts((1, 0, 0)) is None and list(journal.done()) == []  # written, not yet done
+    staged.commit()
+    assert journal.counts((1, 0, 0)) == (3, 64, 2)
+    journal.stage((2, 0, 0), (1, 8, 0), {}).discard()
+    assert journal.counts((2, 0, 0)) is None
+    assert sorted(os.listdir(journal.directory)) == [os.path.basename(journal.path((1, 0, 0)))]
+
+
 def test_a_second_writer_is_refused_and_a_killed_holder_leaves_no_stale_lock(tmp_path):
     out = str(tmp_path / "seg.zarr")
     with process_holding_lock(out) as holder:
@@ -125,6 +136,27 @@ def test_block_written_twice_gives_the_same_bytes(tmp_path, tomogram, small_net,
     assert chunk_hashes(os.path.join(out, "0")) == chunks
     job.journal.remove()
     assert_same_output(out, reference)
+
+
+def test_a_block_whose_chunks_fail_to_write_leaves_no_record(tmp_path, tomogram, small_net, client, monkeypatch):
+    """The record is staged while the chunks are written; a failed write must not make it visible."""
+    from tilesegment import blocks, pipeline
+
+    out = str(tmp_path / "fails.zarr")
+    jobs = []
+    original = pipeline.BlockJob
+    monkeypatch.setattr(pipeline, "BlockJob", lambda *a, **k: jobs.append(original(*a, **k)) or jobs[-1])
+    segment(tomogram, out, model=small_net, client=client, **SETTINGS)
+    job, index = jobs[0], jobs[0].plan.sweep()[0]
+
+    def full_disk(path, box, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(blocks, "write_region", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        process_block(job, index)
+    assert job.journal.counts(index) is None
+    assert not os.path.exists(job.journal.directory) or not os.listdir(job.journal.directory)
 
 
 def test_a_failed_run_is_incomplete_refused_and_resumed_to_the_same_output(tmp_path, small_net, client, reference, tomogram,

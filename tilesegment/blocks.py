@@ -11,6 +11,9 @@ overlap thick) wait, on disk. A block already in the journal is not computed aga
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -27,6 +30,19 @@ from .zarr_io import write_region
 __all__ = ["BlockJob", "BlockResult", "process_block", "to_labels", "to_probability_dtype", "set_progress_hook"]
 
 _progress_hook: Callable[[str, int], None] | None = None
+
+
+_STAGER: ThreadPoolExecutor | None = None
+_STAGER_LOCK = threading.Lock()
+
+
+def _stager() -> ThreadPoolExecutor:
+    """The threads that write journal records while block chunks are written (one per block in flight)."""
+    global _STAGER
+    with _STAGER_LOCK:
+        if _STAGER is None:
+            _STAGER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tileseg-journal")
+        return _STAGER
 
 
 def set_progress_hook(hook: Callable[[str, int], None] | None) -> None:
@@ -134,10 +150,18 @@ def process_block(job: BlockJob, index: Sequence[int], *_neighbours: BlockResult
         add_piece(acc, acc_box, journal.piece(source, offset), plan.pieces(source)[offset])
     probabilities = normalise(acc[(slice(None), *region.slices(acc_box))])
     labels = to_labels(probabilities, job.label_rule, job.label_dtype)
-    write_region(job.labels_path, region, labels)
-    if job.probabilities_path:
-        write_region(job.probabilities_path, region, to_probability_dtype(probabilities, job.probability_dtype))
     result = BlockResult(index, forwarded, region.size, int(np.count_nonzero(labels)))
     pieces = {offset: acc[(slice(None), *box.slices(acc_box))] for offset, box in plan.pieces(index).items() if any(offset)}
-    journal.record(index, (result.tiles_forwarded, result.voxels_written, result.foreground_voxels), pieces)
+    # the record is written beside the chunks (on the other core: the network is idle meanwhile) and
+    # made visible only once every chunk is written, so its presence still proves the block done
+    staging = _stager().submit(journal.stage, index, (result.tiles_forwarded, result.voxels_written, result.foreground_voxels), pieces)
+    try:
+        write_region(job.labels_path, region, labels)
+        if job.probabilities_path:
+            write_region(job.probabilities_path, region, to_probability_dtype(probabilities, job.probability_dtype))
+    except BaseException:
+        with contextlib.suppress(Exception):
+            staging.result().discard()
+        raise
+    staging.result().commit()
     return result

@@ -28,7 +28,7 @@ import numpy as np
 
 from .storage import filesystem, is_url, join
 
-__all__ = ["BlockJournal", "JOURNAL_DIR"]
+__all__ = ["BlockJournal", "StagedRecord", "JOURNAL_DIR"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,38 @@ def _name(index: Sequence[int]) -> str:
 
 def _piece_name(offset: Sequence[int]) -> str:
     return "piece-" + "".join(map(str, offset))
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+@dataclass(frozen=True)
+class StagedRecord:
+    """A block's record, written but not yet visible: a file under a temporary name, or the bytes of one PUT."""
+
+    final: str
+    partial: str | None = None
+    data: bytes | None = None
+
+    def commit(self) -> None:
+        """Make the record visible, whole (a rename, or one PUT); a retry or speculative twin writes the same bytes."""
+        if self.data is not None:
+            fs, key = filesystem(self.final)
+            fs.pipe_file(key, self.data)
+            return
+        assert self.partial is not None
+        try:
+            os.replace(self.partial, self.final)
+        finally:
+            _unlink(self.partial)
+
+    def discard(self) -> None:
+        if self.partial is not None:
+            _unlink(self.partial)
 
 
 @dataclass(frozen=True)
@@ -60,24 +92,27 @@ class BlockJournal:
 
     def record(self, index: Sequence[int], counts: Sequence[int], pieces: Mapping[Sequence[int], np.ndarray]) -> None:
         """Mark ``index`` done with its result ``counts`` and outgoing ``pieces`` (by offset)."""
+        self.stage(index, counts, pieces).commit()
+
+    def stage(self, index: Sequence[int], counts: Sequence[int], pieces: Mapping[Sequence[int], np.ndarray]) -> "StagedRecord":
+        """Prepare the record of ``index`` without making it visible: a block stages its record while
+        its chunks are written, and commits it once they all are."""
         arrays = {_piece_name(offset): piece for offset, piece in pieces.items()}
         arrays[_RESULT] = np.asarray(counts, dtype=np.int64)
         final = self.path(index)
-        if is_url(final):  # one PUT: the object appears whole; a retry or twin writes the same bytes
+        if is_url(final):  # one PUT at commit: the object appears whole; a retry or twin writes the same bytes
             buffer = io.BytesIO()
             np.savez(buffer, **arrays)
-            fs, key = filesystem(final)
-            fs.pipe_file(key, buffer.getvalue())
-            return
+            return StagedRecord(final, data=buffer.getvalue())
         os.makedirs(self.directory, exist_ok=True)
         partial = f"{final}.{uuid.uuid4().hex}.partial"
         try:
             with open(partial, "wb") as f:
                 np.savez(f, **arrays)
-            os.replace(partial, final)  # a retry or speculative twin writes the same bytes: last one wins
-        finally:
-            if os.path.exists(partial):
-                os.unlink(partial)
+        except BaseException:
+            _unlink(partial)
+            raise
+        return StagedRecord(final, partial=partial)
 
     def _load(self, index: Sequence[int], member: str) -> np.ndarray:
         path = self.path(index)

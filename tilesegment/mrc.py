@@ -31,6 +31,12 @@ HEADER_BYTES = 1024
 MAX_GAP = 512 * 2**10
 RANGE_BYTES = 16 * 2**20
 BATCH_BYTES = 64 * 2**20
+# A local file: a positioned read (a system call and its Python around it, about 3 µs) costs about
+# as much as copying 16 KiB more from the page cache, and rows closer than a page or the kernel's
+# read-ahead come off a disk together anyway. So where less than this lies between one row's span
+# and the next, a plane's rows are read as one run (a 144-voxel-wide float32 box of a 512-wide
+# volume: one read per plane instead of one per row, 3x faster).
+LOCAL_ROW_GAP = 16 * 2**10
 
 
 @dataclass(frozen=True)
@@ -206,8 +212,8 @@ def read_mrc_region(info: MrcInfo, box: Box) -> np.ndarray:
 
     Plain positioned reads rather than a memory map: a map's resident pages (and the kernel's
     fault-around) count towards a worker's memory and grow with the tomogram's width. Wide boxes
-    read one run of whole rows per plane; narrow ones read each row's span, so nothing outside the
-    box is read. From an object store the same spans are fetched as byte ranges, neighbours merged
+    (and, in a local file, boxes whose rows lie close together, see ``LOCAL_ROW_GAP``) read one run
+    of whole rows per plane; narrow ones read each row's span, so nothing outside the box is read. From an object store the same spans are fetched as byte ranges, neighbours merged
     (see ``MAX_GAP``): one request per plane or slab rather than one per row.
     """
     dtype = np.dtype(info.dtype)
@@ -234,7 +240,7 @@ def read_mrc_region(info: MrcInfo, box: Box) -> np.ndarray:
         return out.astype(dtype.newbyteorder("="), copy=False)
     with open(info.path, "rb", buffering=0) as f:
         fd = f.fileno()
-        if wide:
+        if wide or (nx - (x1 - x0)) * item <= LOCAL_ROW_GAP:
             rows = np.empty((y1 - y0, nx), dtype)
             for i, z in enumerate(range(z0, z1)):
                 _read_into(fd, rows, info.data_offset + (z * ny + y0) * nx * item, info.path)
