@@ -305,7 +305,8 @@ def planned_block_read_bytes(plan: Any, itemsize: int) -> int:
 # counting the bytes tileseg reads from an MRC input (wrapping its reader, in every process)
 
 
-COUNTED = ("logical_bytes", "physical_bytes", "regions", "reads", "forward_seconds", "forwards", "forward_tiles")
+COUNTED = ("logical_bytes", "physical_bytes", "page_bytes", "regions", "reads", "forward_seconds", "forwards", "forward_tiles")
+PAGE = 4096  # what a disk reads at least: a region's reads touch whole pages of the file
 
 
 def install_read_counter(directory: str, role: str) -> Callable[[], None]:
@@ -315,7 +316,9 @@ def install_read_counter(directory: str, role: str) -> Callable[[], None]:
 
     Reads of an MRC input: ``logical_bytes``, the regions asked for (``read_mrc_region``'s boxes);
     ``physical_bytes``, what its positioned reads (``_read_into``, an ``os.preadv`` per run of bytes)
-    took from the file, which is more where whole rows are read for a wide box. The network:
+    took from the file, which is more where whole rows are read for a wide box; ``page_bytes``, the
+    distinct 4 KiB pages of the file each region's reads touched (what a disk would read for it,
+    read-ahead aside: bytes read beside the box in pages the box touches anyway cost a disk nothing). The network:
     ``forward_seconds``, the time inside the model's forward (forward hooks on every Predictor's
     module; on a GPU the hook synchronises, as tileseg's copy of the result back does anyway).
     Wrapped functions that this tilesegment does not have are left alone (their counts stay 0 and
@@ -346,9 +349,12 @@ def install_read_counter(directory: str, role: str) -> Callable[[], None]:
     read_into = getattr(mrc, "_read_into", None)
     read_region = getattr(volume, "read_mrc_region", None)
     if read_into is not None:
-        def counted_read_into(fd: int, buffer: Any, *args: Any, **kwargs: Any) -> Any:
-            result = read_into(fd, buffer, *args, **kwargs)
+        def counted_read_into(fd: int, buffer: Any, offset: int, *args: Any, **kwargs: Any) -> Any:
+            result = read_into(fd, buffer, offset, *args, **kwargs)
             add(physical_bytes=buffer.nbytes, reads=1)
+            pages = getattr(local, "pages", None)
+            if pages is not None and buffer.nbytes:
+                pages.update(range(offset // PAGE, (offset + buffer.nbytes - 1) // PAGE + 1))
             return result
 
         mrc._read_into = counted_read_into
@@ -356,8 +362,12 @@ def install_read_counter(directory: str, role: str) -> Callable[[], None]:
         counts["missing"].append("tilesegment.mrc._read_into")
     if read_region is not None:
         def counted_read_region(info: Any, box: Any, *args: Any, **kwargs: Any) -> Any:
-            data = read_region(info, box, *args, **kwargs)
-            add(logical_bytes=box.size * data.dtype.itemsize, regions=1)
+            local.pages = set()
+            try:
+                data = read_region(info, box, *args, **kwargs)
+            finally:
+                pages, local.pages = local.pages, None
+            add(logical_bytes=box.size * data.dtype.itemsize, regions=1, page_bytes=len(pages) * PAGE)
             dump()
             return data
 
@@ -442,7 +452,8 @@ def child_bare(params: dict[str, Any]) -> None:
     source = open_volume(params["input"])
     device = resolve_device(params["device"])
     model, config = load_checkpoint(read_checkpoint(params.get("model")), device)
-    model = for_inference(model)  # the network exactly as tileseg's predictor runs it
+    # the network exactly as tileseg's predictor runs it, unless told which memory order to try
+    model = for_inference(model, **({"channels_last": params["channels_last"]} if "channels_last" in params else {}))
     if params.get("keep_freed_memory", True):  # the process as tileseg's workers run it (benchmarks/allocator.py)
         keep_freed_memory()
     threads = max(1, default_torch_threads() // params.get("workers", 1))
@@ -488,7 +499,9 @@ def child_bare(params: dict[str, Any]) -> None:
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     result = {"seconds": seconds, "cpu_seconds": cpu, "warmup_seconds": warmup, "tiles": len(tiles), "batches": len(batches), "batch": batch,
               "threads": threads, "device": str(device), "shape": list(source.shape), "grid_count": plan.grid.count,
-              "precision": params.get("precision"), "staged": staged}
+              "precision": params.get("precision"), "staged": staged,
+              "channels_last": any(p.dim() == 5 and p.is_contiguous(memory_format=torch.channels_last_3d) and not p.is_contiguous()
+                                   for p in model.parameters())}
     if device.type == "cuda":
         result["gpu_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / MIB
     write_result(params, result)
@@ -582,7 +595,7 @@ def child_segment(params: dict[str, Any]) -> None:
             return statistics(*args, **kwargs)
         finally:
             after = dump_client.counts() if dump_client else {}
-            statistics_reads.update({k: after[k] - before[k] for k in ("logical_bytes", "physical_bytes", "regions", "reads")} if after else {})  # noqa: E501
+            statistics_reads.update({k: after[k] - before[k] for k in ("logical_bytes", "physical_bytes", "page_bytes", "regions", "reads")} if after else {})  # noqa: E501
 
     pipeline.intensity_statistics = counted_statistics
     pipeline.finish_output = timed("finish_output", pipeline.finish_output)

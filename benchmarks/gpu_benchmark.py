@@ -10,7 +10,8 @@ With the packaged default model, tile 64, overlap 0.25, gaussian blending and ba
   and also from the cluster being up).
 
 and reports voxels/s of both, their ratio (target: tileseg ≥ 0.85 of the bare throughput), the
-network's own time inside tileseg's run (forward hooks) and the GPU's name. ``--precision bf16`` (or fp16) runs the network in that precision too, only where
+network's own time inside tileseg's run (forward hooks) and the GPU's name; and the bare network
+in the other memory order (channels-last weights, which tileseg uses on the CPU), to decide CUDA's. ``--precision bf16`` (or fp16) runs the network in that precision too, only where
 tileseg's ``segment()`` takes a ``precision`` argument (checked with ``inspect.signature``).
 Without a CUDA GPU it says so and exits 0.
 
@@ -63,6 +64,10 @@ def markdown(r: dict[str, Any]) -> str:
                      f"{row['seconds_after_cluster_up']:.2f}, {row['ratio_after_cluster_up']:.3f} | "
                      f"{row['network_seconds_inside_run']:.2f}, {row['network_seconds_inside_run'] / row['seconds']:.3f} |")
     lines.append("")
+    lines += ["The bare network in the other memory order (tileseg's CUDA default is the first): " + "; ".join(
+        f"{row['precision']}: channels_last={row['bare'].get('channels_last')} {row['bare_seconds']:.2f} s, "
+        f"channels_last={row['bare_other_memory_order'].get('channels_last')} {row['bare_other_memory_order']['seconds']:.2f} s"
+        for row in r["rows"] if row.get("bare_other_memory_order")), ""]
     if r["gpus"] > 1:
         lines += [f"The bare figure is one GPU's, times {r['gpus']} (ideal scaling): tileseg's embedded cluster uses every GPU.", ""]
     lines += ["Phases of each `segment()` run (s): " + "; ".join(
@@ -126,6 +131,11 @@ def main() -> int:
             bare, _ = spawn_child(script, "bare", {**common, **extra, "input": volume, "model": None, "workers": gpus,
                                                    "device": "cuda:0" if args.device == "cuda" else args.device}, workdir)
             log(f"  {bare['seconds']:.2f} s for {bare['tiles']} tiles")
+            # the other memory order, for the record: tileseg runs CUDA networks channels-first until this says otherwise
+            other, _ = spawn_child(script, "bare", {**common, **extra, "input": volume, "model": None, "workers": gpus,
+                                                    "device": "cuda:0" if args.device == "cuda" else args.device,
+                                                    "channels_last": not bare.get("channels_last", False)}, workdir)
+            log(f"  {other['seconds']:.2f} s with channels_last={other.get('channels_last')}")
             log(f"segment() {precision} ...")
             output = os.path.join(workdir, "seg.zarr")
             counts = tempfile.mkdtemp(prefix="counts-", dir=workdir)  # the network's time inside the run (forward hooks)
@@ -136,6 +146,7 @@ def main() -> int:
             bare_rate = voxels / bare["seconds"] * gpus
             after = run["seconds"] - run["marks"]["on_start"]
             row = {"precision": precision, "bare_seconds": bare["seconds"], "bare_voxels_per_s": bare_rate, "bare": bare,
+                   "bare_other_memory_order": other,
                    "seconds": run["seconds"], "voxels_per_s": voxels / run["seconds"], "seconds_after_cluster_up": after,
                    "tiles_forwarded": run["tiles_forwarded"], "tile_count": run["tile_count"], "phases": phases_of(run),
                    "network_seconds_inside_run": network,

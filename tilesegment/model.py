@@ -151,7 +151,7 @@ def build_model(config: ModelConfig) -> nn.Module:
     return cls(config.in_channels, config.out_channels, tuple(config.channels))
 
 
-def for_inference(model: nn.Module) -> nn.Module:
+def for_inference(model: nn.Module, channels_last: bool | None = None) -> nn.Module:
     """``model`` (in eval mode) in the form that runs a segmentation fastest: every batch norm folded
     into the convolution before it and, on the CPU, the weights in channels-last order.
 
@@ -160,8 +160,9 @@ def for_inference(model: nn.Module) -> nn.Module:
     activations fewer per convolution. On the CPU, oneDNN's 3D convolutions run channels-last
     (``NDHWC``) activations much faster than channels-first ones: the packaged network in 0.65× the
     time for batches of 4 × 64³ on 2 cores (``benchmarks/inference_form.py``); a contiguous input
-    is taken as it is, and the activations follow the weights' order. (On CUDA the order is left
-    as it is until it has been measured there.) Everything that runs the network for a
+    is taken as it is, and the activations follow the weights' order. ``channels_last=None`` picks
+    it on the CPU only: on CUDA it has not been measured yet (``benchmarks/gpu_benchmark.py`` times
+    the bare network both ways). Everything that runs the network for a
     segmentation (the predictor, the benchmarks' bare network and MONAI) runs this form; training
     never does.
     """
@@ -177,7 +178,9 @@ def for_inference(model: nn.Module) -> nn.Module:
             if isinstance(conv, nn.Conv3d) and isinstance(norm, nn.BatchNorm3d):
                 block[i], block[i + 1] = fuse_conv_bn_eval(conv, norm), nn.Identity()
     parameter = next(model.parameters(), None)
-    if parameter is not None and parameter.device.type == "cpu":
+    if channels_last is None:
+        channels_last = parameter is not None and parameter.device.type == "cpu"
+    if channels_last:
         model.to(memory_format=torch.channels_last_3d)
     return model
 
