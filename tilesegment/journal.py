@@ -1,10 +1,11 @@
 """The completion journal of a run, kept inside the output store.
 
 One file per finished block holds the block's result counts and the spill pieces it hands to its
-upper neighbours (weighted sums and weights a tile overlap thick). A block task writes its file
-last, after every chunk of its region is written, and atomically (on a local disk a temporary name,
-then a rename; in an object store one PUT of the whole object, which stores see whole or not at
-all), so a file's existence is the proof that the block is done. This one mechanism gives:
+upper neighbours (weighted sums and weights a tile overlap thick). A block task stages its file
+while its chunks are written (on a local disk under a temporary name; for an object store as the
+bytes of one PUT) and makes it visible last, after every chunk of its region is written, and
+atomically (a rename, or one PUT of the whole object, which stores see whole or not at all), so a
+file's existence is the proof that the block is done. This one mechanism gives:
 
 * resume: a new run skips the blocks with a file and feeds their pieces to the rest;
 * worker loss and retries: a block that finds its own file returns the recorded result instead of
