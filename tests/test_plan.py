@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from tilesegment.blending import window
 from tilesegment.errors import OptionError
 from tilesegment.geometry import Box
-from tilesegment.plan import BlockPlan, TileGrid, batches, stride_for, tile_origins
+from tilesegment.plan import BlockPlan, SpentPieces, TileGrid, batches, stride_for, tile_origins
 
 
 @st.composite
@@ -152,3 +152,34 @@ def test_batches_split_a_leftover_evenly():
     assert [len(g) for g in batches(list(range(8)), 4)] == [4, 4]
     with pytest.raises(ValueError):
         batches([1], 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(volume=st.tuples(st.integers(16, 90), st.integers(16, 90), st.integers(16, 90)), tile=st.sampled_from([8, 16]),
+       block=st.sampled_from([16, 24, 32]), resumed=st.floats(0, 1))
+def test_pieces_are_spent_once_and_only_after_every_block_that_takes_them(volume, tile, block, resumed):
+    plan = BlockPlan.create(volume, tile, 0.25, 8, block=block)
+    order = plan.sweep()
+    done = set(order[: int(resumed * len(order))])  # a stopped run finished these
+    spent_pieces = SpentPieces(plan, done)
+    finished = set(done)
+    reported = list(spent_pieces.already_spent())
+    assert all(set(plan.consumers(i)) <= finished for i in reported)
+    for index in order:
+        if index in done:
+            continue
+        finished.add(index)
+        for source in spent_pieces.finished(index):
+            assert set(plan.consumers(source)) <= finished  # nobody still needs them
+            reported.append(source)
+    # every block that hands pieces on is reported exactly once, by the end
+    assert sorted(reported) == sorted(i for i in order if plan.consumers(i))
+
+
+def test_consumers_are_the_upper_neighbours_that_take_a_piece():
+    plan = BlockPlan.create((64, 64, 64), 16, 0.25, 16, block=32)  # 2 x 2 x 2 blocks
+    assert sorted(plan.consumers((0, 0, 0))) == sorted(i for i in plan.indices() if i != (0, 0, 0))
+    assert plan.consumers((1, 1, 1)) == []
+    for index in plan.indices():
+        assert all((index, tuple(c - i for c, i in zip(consumer, index))) in plan.spills_into(consumer)
+                   for consumer in plan.consumers(index))

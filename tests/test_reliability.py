@@ -18,6 +18,7 @@ import zarr
 from tilesegment.blocks import process_block
 from tilesegment.errors import OptionError, OutputError
 from tilesegment.journal import BlockJournal
+from tilesegment.plan import BlockPlan
 from tilesegment.lock import OutputLock, lock_holder, lock_path
 from tilesegment.output import describe_output
 from tilesegment.pipeline import segment
@@ -136,6 +137,28 @@ def test_block_written_twice_gives_the_same_bytes(tmp_path, tomogram, small_net,
     assert chunk_hashes(os.path.join(out, "0")) == chunks
     job.journal.remove()
     assert_same_output(out, reference)
+
+
+def test_the_journal_keeps_pieces_only_until_every_block_that_takes_them_is_done(tmp_path, small_net, client, monkeypatch):
+    """Disk stays bounded: a done block's record drops its pieces once its upper neighbours are done."""
+    src = write_mrc(tmp_path / "long.mrc", random_volume((96, 40, 40), seed=8))  # 6 x 3 x 3 blocks of 16
+    out = str(tmp_path / "seg.zarr")
+    journal = BlockJournal(out)
+    holding, dropped = [], []
+    drop = BlockJournal.drop_pieces
+
+    def watched(self, index):
+        with_pieces = [i for i in self.done() if self._load(i, None) != ["result"]]
+        holding.append(len(with_pieces))
+        drop(self, index)
+        dropped.append(tuple(index))
+
+    monkeypatch.setattr(BlockJournal, "drop_pieces", watched)
+    plan = BlockPlan.create((96, 40, 40), SETTINGS["tile"], 0.25, SETTINGS["chunk"], block=SETTINGS["block"])
+    segment(src, out, model=small_net, client=client, **SETTINGS)
+    assert sorted(dropped) == sorted(i for i in plan.indices() if plan.consumers(i))
+    assert max(holding) <= 2 * 3 * 3  # about a plane of blocks (3 x 3) in the wavefront, not all 54
+    assert not os.path.exists(journal.directory)
 
 
 def test_a_block_whose_chunks_fail_to_write_leaves_no_record(tmp_path, tomogram, small_net, client, monkeypatch):

@@ -34,6 +34,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from .allocator import GLIBC_TUNABLES, KEEP_BELOW
 from .blocks import BlockJob, BlockResult, process_block, set_progress_hook
 from .errors import ClusterError
+from .plan import SpentPieces
 
 __all__ = ["connect", "ModelPlugin", "install_model", "run_blocks", "map_tasks", "dashboard_link"]
 
@@ -209,9 +210,14 @@ def run_blocks(client: Client, job: BlockJob, resources: dict[str, float] | None
     client.subscribe_topic(PROGRESS_TOPIC, heard)
     futures = client.get(graph, keys, sync=False)
     results = []
+    spent = SpentPieces(job.plan, done)
+    for index in spent.already_spent():  # left with their pieces by a stopped run
+        job.journal.drop_pieces(index)
     try:
         for future in as_completed(futures):
             results.append(future.result())
+            for index in spent.finished(results[-1].index):
+                job.journal.drop_pieces(index)
     except BaseException:
         client.cancel(futures)
         _wait_for_stragglers(client, keys)

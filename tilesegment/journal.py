@@ -10,7 +10,9 @@ file's existence is the proof that the block is done. This one mechanism gives:
 * resume: a new run skips the blocks with a file and feeds their pieces to the rest;
 * worker loss and retries: a block that finds its own file returns the recorded result instead of
   forwarding its tiles again, and no block waits on another worker's memory for its pieces;
-* bounded memory: pieces wait on disk, not in the cluster, however long the sweep takes.
+* bounded memory: pieces wait on disk, not in the cluster, however long the sweep takes;
+* bounded disk: once every block that takes a block's pieces is done, its record is rewritten with
+  its counts alone (:meth:`BlockJournal.drop_pieces`), so pieces are kept for the wavefront only.
 
 The journal is removed once the output is complete.
 """
@@ -23,7 +25,7 @@ import os
 import shutil
 import uuid
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -115,15 +117,16 @@ class BlockJournal:
             raise
         return StagedRecord(final, partial=partial)
 
-    def _load(self, index: Sequence[int], member: str) -> np.ndarray:
+    def _load(self, index: Sequence[int], member: str | None) -> Any:
+        """One member of the record of ``index`` (``None``: the names of its members)."""
         path = self.path(index)
         if not is_url(path):
             with np.load(path) as data:
-                return data[member]
+                return data.files if member is None else data[member]
         fs, key = filesystem(path)
         fs.cat_file(key, start=0, end=1)  # one GET says "not there" (opening first asks for the size, then lists)
         with fs.open(key, "rb", block_size=_READ_BLOCK, cache_type="readahead") as f, np.load(f) as data:
-            return data[member]
+            return data.files if member is None else data[member]
 
     def counts(self, index: Sequence[int]) -> tuple[int, ...] | None:
         """The recorded result counts of ``index``, or ``None`` if it is not done."""
@@ -135,6 +138,19 @@ class BlockJournal:
     def piece(self, index: Sequence[int], offset: Sequence[int]) -> np.ndarray:
         """The spill piece that done block ``index`` hands to its neighbour at ``offset``."""
         return self._load(index, _piece_name(offset))
+
+    def drop_pieces(self, index: Sequence[int]) -> None:
+        """Keep only the counts of done block ``index``: its pieces are spent once every block that
+        takes one is done. The journal then holds pieces for about one plane of blocks, not for the
+        whole volume (a 128³ block's pieces are 40 MB with the default model)."""
+        try:
+            if self._load(index, None) == [_RESULT]:
+                return  # no pieces (any more)
+        except FileNotFoundError:
+            return
+        counts = self.counts(index)
+        if counts is not None:
+            self.stage(index, counts, {}).commit()
 
     def done(self) -> Iterator[tuple[int, ...]]:
         """Indices of the finished blocks."""

@@ -26,12 +26,12 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
-from typing import Iterator, Sequence, TypeVar
+from typing import Collection, Iterator, Sequence, TypeVar
 
 from .errors import OptionError
 from .geometry import Box, Shape, as_shape, ceil_div
 
-__all__ = ["TileGrid", "BlockPlan", "OFFSETS", "SPILL_OFFSETS", "tile_origins", "stride_for", "batches"]
+__all__ = ["TileGrid", "BlockPlan", "OFFSETS", "SPILL_OFFSETS", "tile_origins", "stride_for", "batches", "SpentPieces"]
 
 #: The 8 piece offsets of a block: (0,0,0) is its own region, the others spill into neighbours.
 OFFSETS: tuple[Shape, ...] = tuple(itertools.product((0, 1), repeat=3))  # type: ignore[assignment]
@@ -255,6 +255,47 @@ class BlockPlan:
                 result.append((source, offset))
         return result  # type: ignore[return-value]
 
+    def consumers(self, index: Shape) -> list[Shape]:
+        """The upper neighbours that take a spill piece of this block: once they are all done, its
+        pieces are spent (the run's journal then keeps only its counts)."""
+        return [tuple(i + d for i, d in zip(index, offset)) for offset in self.pieces(index) if any(offset)]  # type: ignore[misc]
+
     def spills_into(self, index: Shape) -> list[tuple[Shape, Shape]]:
         """``(source block, offset)`` of the lower neighbours' pieces that land in this block."""
         return [(source, offset) for source, offset in self.incoming(index) if offset != OFFSETS[0]]
+
+
+class SpentPieces:
+    """Which done blocks' spill pieces no block needs any more, as blocks finish.
+
+    A block's pieces are spent once every upper neighbour that takes one is done; only then may the
+    journal drop them (a block that finished returns its recorded counts without reading pieces, so
+    re-runs after a lost worker never need them)."""
+
+    def __init__(self, plan: BlockPlan, done: Collection[Shape] = ()) -> None:
+        self._plan, self._resumed = plan, frozenset(done)
+        self._waiting: dict[Shape, set[Shape]] = {}
+
+    def _wait(self, index: Shape) -> set[Shape]:
+        """The consumers of ``index`` not yet done: made when the first of them finishes (or at the
+        start, for a resumed run), from the blocks done before this run; then each one that
+        finishes is taken out."""
+        if index not in self._waiting:
+            self._waiting[index] = set(self._plan.consumers(index)) - self._resumed
+        return self._waiting[index]
+
+    def already_spent(self) -> list[Shape]:
+        """Done blocks (of a resumed run) whose consumers are all done too: their records may still hold pieces."""
+        return [index for index in self._resumed if self._plan.consumers(index) and not self._wait(index)]
+
+    def finished(self, index: Sequence[int]) -> list[Shape]:
+        """Record ``index`` as done; the blocks whose pieces that spent."""
+        index = tuple(index)  # type: ignore[assignment]
+        spent = []
+        for source, _ in self._plan.spills_into(index):
+            waiting = self._wait(source)
+            if index in waiting:
+                waiting.discard(index)
+                if not waiting:
+                    spent.append(source)
+        return spent
