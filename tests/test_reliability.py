@@ -148,7 +148,7 @@ def test_the_journal_keeps_pieces_only_until_every_block_that_takes_them_is_done
     drop = BlockJournal.drop_pieces
 
     def watched(self, index):
-        with_pieces = [i for i in self.done() if self._load(i, None) != ["result"]]
+        with_pieces = [i for i in self.done() if self.members(i) != ["result"]]
         holding.append(len(with_pieces))
         drop(self, index)
         dropped.append(tuple(index))

@@ -12,7 +12,6 @@ overlap thick) wait, on disk. A block already in the journal is not computed aga
 from __future__ import annotations
 
 import contextlib
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -32,17 +31,9 @@ __all__ = ["BlockJob", "BlockResult", "process_block", "to_labels", "to_probabil
 _progress_hook: Callable[[str, int], None] | None = None
 
 
-_STAGER: ThreadPoolExecutor | None = None
-_STAGER_LOCK = threading.Lock()
-
-
-def _stager() -> ThreadPoolExecutor:
-    """The threads that write journal records while block chunks are written (one per block in flight)."""
-    global _STAGER
-    with _STAGER_LOCK:
-        if _STAGER is None:
-            _STAGER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tileseg-journal")
-        return _STAGER
+#: The threads that write journal records while block chunks are written (one per block in flight;
+#: started at the first submit).
+_STAGER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tileseg-journal")
 
 
 def set_progress_hook(hook: Callable[[str, int], None] | None) -> None:
@@ -154,7 +145,7 @@ def process_block(job: BlockJob, index: Sequence[int], *_neighbours: BlockResult
     pieces = {offset: acc[(slice(None), *box.slices(acc_box))] for offset, box in plan.pieces(index).items() if any(offset)}
     # the record is written beside the chunks (on the other core: the network is idle meanwhile) and
     # made visible only once every chunk is written, so its presence still proves the block done
-    staging = _stager().submit(journal.stage, index, (result.tiles_forwarded, result.voxels_written, result.foreground_voxels), pieces)
+    staging = _STAGER.submit(journal.stage, index, (result.tiles_forwarded, result.voxels_written, result.foreground_voxels), pieces)
     try:
         write_region(job.labels_path, region, labels)
         if job.probabilities_path:

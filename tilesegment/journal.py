@@ -25,7 +25,7 @@ import os
 import shutil
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 
@@ -46,6 +46,13 @@ def _name(index: Sequence[int]) -> str:
 
 def _piece_name(offset: Sequence[int]) -> str:
     return "piece-" + "".join(map(str, offset))
+
+
+T = TypeVar("T")
+
+
+def _counts(data: Any) -> tuple[int, ...]:
+    return tuple(int(v) for v in data[_RESULT])
 
 
 def _unlink(path: str) -> None:
@@ -117,39 +124,41 @@ class BlockJournal:
             raise
         return StagedRecord(final, partial=partial)
 
-    def _load(self, index: Sequence[int], member: str | None) -> Any:
-        """One member of the record of ``index`` (``None``: the names of its members)."""
+    def _read(self, index: Sequence[int], read: Callable[[Any], T]) -> T:
+        """``read(npz)`` of the record of ``index``, opened once (from a store: only the ranges it reads)."""
         path = self.path(index)
         if not is_url(path):
             with np.load(path) as data:
-                return data.files if member is None else data[member]
+                return read(data)
         fs, key = filesystem(path)
         fs.cat_file(key, start=0, end=1)  # one GET says "not there" (opening first asks for the size, then lists)
         with fs.open(key, "rb", block_size=_READ_BLOCK, cache_type="readahead") as f, np.load(f) as data:
-            return data.files if member is None else data[member]
+            return read(data)
+
+    def members(self, index: Sequence[int]) -> list[str]:
+        """The names in the record of ``index``: its counts, and its pieces until they are dropped."""
+        return self._read(index, lambda data: list(data.files))
 
     def counts(self, index: Sequence[int]) -> tuple[int, ...] | None:
         """The recorded result counts of ``index``, or ``None`` if it is not done."""
         try:
-            return tuple(int(v) for v in self._load(index, _RESULT))
+            return self._read(index, _counts)
         except FileNotFoundError:
             return None
 
     def piece(self, index: Sequence[int], offset: Sequence[int]) -> np.ndarray:
         """The spill piece that done block ``index`` hands to its neighbour at ``offset``."""
-        return self._load(index, _piece_name(offset))
+        return self._read(index, lambda data: data[_piece_name(offset)])
 
     def drop_pieces(self, index: Sequence[int]) -> None:
         """Keep only the counts of done block ``index``: its pieces are spent once every block that
         takes one is done. The journal then holds pieces for about one plane of blocks, not for the
         whole volume (a 128³ block's pieces are 40 MB with the default model)."""
         try:
-            if self._load(index, None) == [_RESULT]:
-                return  # no pieces (any more)
+            names, counts = self._read(index, lambda data: (data.files, _counts(data)))
         except FileNotFoundError:
             return
-        counts = self.counts(index)
-        if counts is not None:
+        if names != [_RESULT]:  # else no pieces (any more)
             self.stage(index, counts, {}).commit()
 
     def done(self) -> Iterator[tuple[int, ...]]:

@@ -213,8 +213,9 @@ def read_mrc_region(info: MrcInfo, box: Box) -> np.ndarray:
     Plain positioned reads rather than a memory map: a map's resident pages (and the kernel's
     fault-around) count towards a worker's memory and grow with the tomogram's width. Wide boxes
     (and, in a local file, boxes whose rows lie close together, see ``LOCAL_ROW_GAP``) read one run
-    of whole rows per plane; narrow ones read each row's span, so nothing outside the box is read. From an object store the same spans are fetched as byte ranges, neighbours merged
-    (see ``MAX_GAP``): one request per plane or slab rather than one per row.
+    of whole rows per plane; narrow ones read each row's span, so nothing outside the box is read.
+    From an object store the same spans are fetched as byte ranges, neighbours merged (see
+    ``MAX_GAP``): one request per plane or slab rather than one per row.
     """
     dtype = np.dtype(info.dtype)
     _, ny, nx = info.shape
