@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tilesegment.blending import accumulate, new_accumulator, normalise, window
-from tilesegment.blocks import to_labels
+from tilesegment.blocks import labels_of_sums, to_labels
 from tilesegment.geometry import Box
 
 
@@ -20,6 +20,19 @@ def test_argmax_labels_equal_numpy_argmax_ties_included(classes, levels, seed):
     labels = to_labels(probabilities, "argmax", "uint8")
     assert labels.dtype == np.uint8
     np.testing.assert_array_equal(labels, np.argmax(probabilities, axis=0))
+
+
+@settings(max_examples=60, deadline=None)
+@given(classes=st.integers(1, 5), levels=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_labels_of_weighted_sums_equal_the_labels_of_their_probabilities(classes, levels, seed):
+    """Weights that are powers of two keep every product exact, so ties stay ties: labelling the sums
+    (no division) must give exactly np.argmax of the probabilities, and the threshold rule p > 1/2."""
+    rng = np.random.default_rng(seed)
+    probabilities = (rng.integers(0, levels + 1, size=(classes, 3, 4, 5)) / levels).astype(np.float32)
+    weights = np.exp2(rng.integers(-8, 4, size=(3, 4, 5))).astype(np.float32)
+    sums = np.concatenate([probabilities * weights, weights[None]])
+    np.testing.assert_array_equal(labels_of_sums(sums, "argmax", "uint8"), np.argmax(probabilities, axis=0))
+    np.testing.assert_array_equal(labels_of_sums(sums[[0, -1]], "threshold", "uint8"), probabilities[0] > 0.5)
 
 
 def test_threshold_labels_are_channel_zero_above_one_half():

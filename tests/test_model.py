@@ -118,3 +118,26 @@ def test_predictor_answers_in_numpy_order_what_the_trained_network_computes():
     with torch.no_grad():
         expected = torch.softmax(plain.eval()(torch.from_numpy(tiles)[:, None]), dim=1).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_forward_into_adds_what_numpy_blending_adds():
+    """The block path (PyTorch adds into the accumulator) against the numpy reference, tile by tile,
+    tiles reaching past the accumulator and one wholly outside it included: the same float32 sums."""
+    from tilesegment.blending import accumulate, new_accumulator, placement, window
+    from tilesegment.geometry import Box
+    from tilesegment.predict import Predictor
+
+    predictor = Predictor(read_checkpoint(None), "cpu")
+    tile = (32, 32, 32)
+    weights = window(tile, "gaussian")
+    acc_box = Box((8, 0, 0), (56, 40, 48))
+    boxes = [Box((0, 0, 0), (32, 32, 32)), Box((24, 16, 24), (56, 48, 56)), Box((64, 0, 0), (96, 32, 32))]
+    tiles = np.random.default_rng(1).standard_normal((3, *tile)).astype(np.float32)
+    got = new_accumulator(predictor.out_channels, acc_box)
+    predictor.forward_into(tiles, got, [placement(acc_box, box) for box in boxes], weights)
+    expected = new_accumulator(predictor.out_channels, acc_box)
+    for box, prediction in zip(boxes, predictor(tiles)):
+        accumulate(expected, acc_box, prediction, box, weights)
+    assert placement(acc_box, boxes[2]) is None and expected[-1].min() == 0 < expected[-1].max()
+    np.testing.assert_array_equal(got, expected)
+    assert not weights.flags.writeable  # the cached window is left as it was

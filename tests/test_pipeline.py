@@ -55,14 +55,32 @@ def run_small(tmp_path, client, model, volume, name, **options):
     return report, probabilities(out), labels(out)
 
 
+def pyramid(path: str) -> list[np.ndarray]:
+    """Every level of the labels and of the probabilities, finest first."""
+    group = zarr.open_group(path, mode="r")
+    return [np.asarray(group[name][:]) for name in sorted(group.array_keys(), key=int)] + \
+        [np.asarray(group["probabilities"][name][:]) for name in sorted(group["probabilities"].array_keys(), key=int)]
+
+
 def test_result_independent_of_block_and_chunk(tmp_path, client, small_net):
+    """Other blocks and chunks give the same result, pyramid levels included: the reference builds
+    level 1 after its blocks (16-voxel blocks of 16-voxel chunks); 32-voxel blocks of 8-voxel
+    chunks downsample level 1 themselves, and so does the one block across the whole volume."""
     volume = random_volume((40, 52, 36), seed=3)
-    reference = run_small(tmp_path, client, small_net, volume, "a", chunk=16, block=16)
-    for i, options in enumerate([dict(chunk=16, block=48), dict(chunk=8, block=24), dict(chunk=(8, 16, 8), block=(32, 16, 40))]):
-        report, probs, labs = run_small(tmp_path, client, small_net, volume, f"b{i}", **options)
+    reference = run_small(tmp_path, client, small_net, volume, "a", chunk=16, block=16, levels=3)
+    levels = pyramid(str(tmp_path / "a.zarr"))
+    cases = [dict(chunk=16, block=48), dict(chunk=8, block=24), dict(chunk=(8, 16, 8), block=(32, 16, 40)), dict(chunk=8, block=32),
+             dict(chunk=8, block=(40, 56, 40))]
+    for i, options in enumerate(cases):
+        report, probs, labs = run_small(tmp_path, client, small_net, volume, f"b{i}", levels=3, **options)
         assert report.blocks != reference[0].blocks or options["chunk"] != 16
         np.testing.assert_allclose(probs, reference[1], atol=1e-6)
         assert (labs != reference[2]).mean() < 1e-4  # argmax may flip only at exact ties
+        for got, expected in zip(pyramid(str(tmp_path / f"b{i}.zarr")), levels, strict=True):
+            if np.issubdtype(expected.dtype, np.integer):
+                assert got.shape == expected.shape and (got != expected).mean() < 1e-3  # labels: the ties above, picked
+            else:
+                np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
 def test_result_independent_of_worker_count(tmp_path, small_net):

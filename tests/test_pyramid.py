@@ -44,3 +44,37 @@ def test_downsample_matches_the_oracle_for_every_dtype_and_odd_edge(shape, chann
     expected = oracle(data, method)
     assert got.dtype == data.dtype and got.shape == expected.shape
     np.testing.assert_array_equal(got, expected)
+
+
+@settings(max_examples=80, deadline=None)
+@given(volume=st.tuples(st.integers(1, 40), st.integers(1, 40), st.integers(1, 40)), unit=st.tuples(*[st.sampled_from([1, 2, 3, 4, 8])] * 3),
+       multiples=st.tuples(*[st.integers(1, 8)] * 3), levels=st.integers(1, 4), method=st.sampled_from(["mean", "nearest"]),
+       seed=st.integers(0, 2**16))
+def test_the_levels_blocks_write_themselves_equal_the_levels_built_whole(volume, unit, multiples, levels, method, seed):
+    """Each block downsamples its own region into the levels levels_in_blocks allows: every level box
+    is whole write units, the boxes tile the level, and the level equals downsampling the whole volume."""
+    from tilesegment.geometry import Box, ceil_div
+    from tilesegment.pyramid import level_shapes, levels_in_blocks
+
+    block = tuple(m * u for m, u in zip(multiples, unit))
+    counts = tuple(ceil_div(n, b) for n, b in zip(volume, block))
+    k = levels_in_blocks(counts, block, unit, levels)
+    assert 0 <= k < levels
+    if k + 1 < levels:  # a further level would break the rule on some axis
+        assert any(n > 1 and b % (2 ** (k + 1) * u) for n, b, u in zip(counts, block, unit))
+    data = np.random.default_rng(seed).random(volume).astype(np.float32)
+    whole, shapes = [data], level_shapes(volume, k + 1)
+    for _ in range(k):
+        whole.append(downsample(whole[-1], method))
+    built = [np.full(shape, np.nan, np.float32) for shape in shapes]
+    for index in itertools.product(*(range(n) for n in counts)):
+        region = Box.from_shape(block, tuple(i * b for i, b in zip(index, block))).intersect(Box.from_shape(volume))
+        part = data[region.slices()]
+        for level in range(1, k + 1):
+            part = downsample(part, method)
+            box = region.scaled_down(2**level, shapes[level])
+            assert all(a % u == 0 and (b % u == 0 or b == n) for a, b, u, n in zip(box.start, box.stop, unit, shapes[level]))
+            assert box.shape == part.shape and np.isnan(built[level][box.slices()]).all()  # each voxel written once
+            built[level][box.slices()] = part
+    for level in range(1, k + 1):
+        np.testing.assert_array_equal(built[level], whole[level])

@@ -86,6 +86,23 @@ def test_journal_records_counts_and_pieces_atomically(tmp_path):
     assert list(journal.done()) == []
 
 
+def test_a_record_is_the_npz_numpy_would_write(tmp_path):
+    """Records are written by hand (one copy of each piece, not np.savez's two): strided views, other
+    dtypes and empty pieces come back equal, and np.savez's file of the same arrays has the same members."""
+    journal = BlockJournal(str(tmp_path / "out.zarr"))
+    acc = np.random.default_rng(0).random((3, 9, 8, 7), dtype=np.float32)
+    pieces = {(1, 0, 0): acc[:, 6:], (0, 1, 1): acc[:, :, 5:, 4:], (0, 0, 1): np.zeros((3, 0, 8, 2), np.float32),
+              (1, 1, 1): np.arange(12, dtype=np.int16).reshape(3, 4)[:, ::2]}
+    journal.record((0, 0, 0), (4, 504, 17), pieces)
+    for offset, piece in pieces.items():
+        got = journal.piece((0, 0, 0), offset)
+        assert got.dtype == piece.dtype and got.shape == piece.shape
+        np.testing.assert_array_equal(got, piece)
+    np.savez(tmp_path / "numpy.npz", result=np.array([4, 504, 17]), **{"piece-" + "".join(map(str, k)): v for k, v in pieces.items()})
+    with np.load(tmp_path / "numpy.npz") as expected:
+        assert sorted(journal.members((0, 0, 0))) == sorted(expected.files)
+
+
 def test_a_staged_record_is_invisible_until_committed_and_discarding_leaves_nothing(tmp_path):
     journal = BlockJournal(str(tmp_path / "out.zarr"))
     staged = journal.stage((1, 0, 0), (3, 64, 2), {(0, 0, 1): np.ones((2, 2, 2, 2), np.float32)})

@@ -16,7 +16,10 @@ import numpy as np
 from .errors import OptionError
 from .geometry import Box, Shape
 
-__all__ = ["BLEND_MODES", "window", "new_accumulator", "accumulate", "add_piece", "normalise"]
+__all__ = ["BLEND_MODES", "window", "new_accumulator", "Placement", "placement", "accumulate", "add_piece", "normalise"]
+
+#: Where one tile's prediction goes in an accumulator: ``(accumulator slices, tile slices)``.
+Placement = tuple[tuple[slice, ...], tuple[slice, ...]]
 
 BLEND_MODES = ("gaussian", "linear", "constant")
 GAUSSIAN_SIGMA = 0.125  # of the tile size, as MONAI's and nnU-Net's gaussian importance maps
@@ -50,17 +53,26 @@ def new_accumulator(channels: int, box: Box) -> np.ndarray:
     return np.zeros((channels + 1, *box.shape), dtype=np.float32)
 
 
+def placement(acc_box: Box, tile_box: Box) -> Placement | None:
+    """Where the tile at ``tile_box`` adds into an accumulator over ``acc_box``: only the part of the
+    tile inside ``acc_box`` (a tile that reaches past a small volume contributes nothing outside it)."""
+    overlap = tile_box.intersect(acc_box)
+    if overlap.empty:
+        return None
+    return overlap.slices(acc_box), overlap.slices(tile_box)
+
+
 def accumulate(acc: np.ndarray, acc_box: Box, prediction: np.ndarray, tile_box: Box, weights: np.ndarray) -> None:
     """Add one tile's ``(C, *tile)`` prediction, weighted, into ``acc`` (which covers ``acc_box``).
 
-    Only the part of the tile inside ``acc_box`` is added: a tile that reaches past a small volume
-    contributes nothing outside it. The weighting happens in place: ``prediction`` is used up.
+    The numpy reference of what a block does (:meth:`tilesegment.predict.Predictor.forward_into`
+    does the same arithmetic in PyTorch, on both cores). The weighting happens in place:
+    ``prediction`` is used up.
     """
-    overlap = tile_box.intersect(acc_box)
-    if overlap.empty:
+    where = placement(acc_box, tile_box)
+    if where is None:
         return
-    dst = overlap.slices(acc_box)
-    src = overlap.slices(tile_box)
+    dst, src = where
     w = weights[src]
     weighted = prediction[(slice(None), *src)]
     weighted *= w

@@ -18,15 +18,16 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .blending import accumulate, add_piece, new_accumulator, normalise, window
+from .blending import add_piece, new_accumulator, normalise, placement, window
 from .errors import InputError
 from .geometry import Box, Shape
 from .journal import BlockJournal
 from .plan import BlockPlan, batches
+from .pyramid import write_block_levels
 from .volume import VolumeSource, read_volume
 from .zarr_io import write_region
 
-__all__ = ["BlockJob", "BlockResult", "process_block", "to_labels", "to_probability_dtype", "set_progress_hook"]
+__all__ = ["BlockJob", "BlockResult", "process_block", "to_labels", "labels_of_sums", "to_probability_dtype", "set_progress_hook"]
 
 _progress_hook: Callable[[str, int], None] | None = None
 
@@ -59,6 +60,8 @@ class BlockJob:
     journal: BlockJournal
     probabilities_path: str | None = None
     probability_dtype: str = "float16"
+    label_levels: tuple[str, ...] = ()  # the coarser levels (1, 2, …) this block downsamples and writes itself
+    probability_levels: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -89,9 +92,8 @@ def forward_tiles(job: BlockJob, index: Shape, acc: np.ndarray, acc_box: Box) ->
     weights = window(plan.grid.tile, job.blend)
     predictor = get_predictor(job.model_key)
     for batch in batches(tiles, job.batch_size):
-        predictions = predictor(np.stack([data[tile.slices(input_box)] for tile in batch]))
-        for tile, prediction in zip(batch, predictions):
-            accumulate(acc, acc_box, prediction, tile, weights)
+        predictor.forward_into(np.stack([data[tile.slices(input_box)] for tile in batch]), acc,
+                               [placement(acc_box, tile) for tile in batch], weights)
         if _progress_hook is not None:
             _progress_hook(job.labels_path, len(batch))
     return len(tiles)
@@ -113,6 +115,16 @@ def to_labels(probabilities: np.ndarray, rule: str, dtype: str) -> np.ndarray:
             np.putmask(labels, probabilities[c] > best, c)
             np.maximum(best, probabilities[c], out=best)
     return labels
+
+
+def labels_of_sums(sums: np.ndarray, rule: str, dtype: str) -> np.ndarray:
+    """:func:`to_labels` of an accumulator's ``(C + 1, ...)`` weighted sums and weights, without
+    dividing first: the weights are positive, so comparing the sums compares the probabilities
+    (exactly, where a division could round two close ones to a tie), and a block that writes only
+    labels skips the division."""
+    if rule != "argmax":
+        return (sums[0] > np.float32(0.5) * sums[-1]).astype(dtype)
+    return to_labels(sums[:-1], rule, dtype)
 
 
 def to_probability_dtype(probabilities: np.ndarray, dtype: str) -> np.ndarray:
@@ -139,8 +151,8 @@ def process_block(job: BlockJob, index: Sequence[int], *_neighbours: BlockResult
     forwarded = forward_tiles(job, index, acc, acc_box)
     for source, offset in plan.spills_into(index):
         add_piece(acc, acc_box, journal.piece(source, offset), plan.pieces(source)[offset])
-    probabilities = normalise(acc[(slice(None), *region.slices(acc_box))])
-    labels = to_labels(probabilities, job.label_rule, job.label_dtype)
+    sums = acc[(slice(None), *region.slices(acc_box))]
+    labels = labels_of_sums(sums, job.label_rule, job.label_dtype)
     result = BlockResult(index, forwarded, region.size, int(np.count_nonzero(labels)))
     pieces = {offset: acc[(slice(None), *box.slices(acc_box))] for offset, box in plan.pieces(index).items() if any(offset)}
     # the record is written beside the chunks (on the other core: the network is idle meanwhile) and
@@ -148,8 +160,11 @@ def process_block(job: BlockJob, index: Sequence[int], *_neighbours: BlockResult
     staging = _STAGER.submit(journal.stage, index, (result.tiles_forwarded, result.voxels_written, result.foreground_voxels), pieces)
     try:
         write_region(job.labels_path, region, labels)
+        write_block_levels(job.label_levels, region, labels, "nearest", plan.volume)
         if job.probabilities_path:
-            write_region(job.probabilities_path, region, to_probability_dtype(probabilities, job.probability_dtype))
+            probabilities = to_probability_dtype(normalise(sums), job.probability_dtype)
+            write_region(job.probabilities_path, region, probabilities)
+            write_block_levels(job.probability_levels, region, probabilities, "mean", plan.volume)
     except BaseException:
         with contextlib.suppress(Exception):
             staging.result().discard()

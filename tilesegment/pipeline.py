@@ -29,7 +29,7 @@ from .journal import BlockJournal
 from .lock import OutputLock
 from .output import CONTINUE, CREATE, FINISHED, OutputLayout, check_same_run, create_output, decide, finish_output, output_state
 from .plan import BlockPlan
-from .pyramid import auto_levels, build_level_region, level_regions, level_shapes
+from .pyramid import auto_levels, build_level_region, level_regions, level_shapes, levels_in_blocks
 from .storage import is_url, normalize
 from .volume import VolumeSource, intensity_statistics, open_volume
 from .zarr_io import output_spec, write_unit
@@ -186,6 +186,7 @@ def segment(
             info = check_same_run(output, run)
             normalization = tuple(info["normalization"]) if info.get("normalization") else None
         journal = BlockJournal(output)
+        in_blocks = levels_in_blocks(plan.counts, plan.block, write_unit(spec), n_levels)  # the rest after the blocks
         if action == FINISHED:
             journal.remove()  # left over if the finishing run was stopped right after marking complete
             return RunReport(output, source.shape, 0, plan.grid.count, plan.block_count, int(info.get("foreground_voxels", 0)),
@@ -195,6 +196,8 @@ def segment(
             blend=blend, normalization=normalization, label_rule="argmax" if config.output == "softmax" else "threshold",
             labels_path=f"{output}/0", label_dtype=layout.label_dtype, journal=journal,
             probabilities_path=f"{output}/probabilities/0" if probabilities else None, probability_dtype=probability_dtype,
+            label_levels=tuple(f"{output}/{level}" for level in range(1, in_blocks + 1)),
+            probability_levels=tuple(f"{output}/probabilities/{level}" for level in range(1, in_blocks + 1)) if probabilities else (),
         )
         embedded = client is None and scheduler is None
         if embedded and threads is None:  # share this machine's cores among the embedded workers
@@ -212,7 +215,7 @@ def segment(
             if progress and done:
                 progress(sum(plan.tile_count(index) for index in done))
             results = run_blocks(active, job, predict_resources(device), on_tiles=progress, done=done)
-            _build_pyramid(active, map_tasks, output, layout, spec)
+            _build_pyramid(active, map_tasks, output, layout, spec, first=in_blocks + 1)
         lock.check()  # an object-store lock taken over while this run stalled: do not mark a mixed output complete
         forwarded = sum(r.tiles_forwarded for r in results)
         foreground = sum(r.foreground_voxels for r in results) + sum((journal.counts(i) or (0, 0, 0))[2] for i in done)
@@ -224,9 +227,10 @@ def segment(
                      _label_names(config), link, {"resumed_blocks": len(done)})
 
 
-def _build_pyramid(client: Any, map_tasks: Callable[..., Any], output: str, layout: OutputLayout, spec: Any) -> None:
-    """Every coarser level from the one above it: labels by nearest neighbour, probabilities by mean."""
-    for level in range(1, len(layout.shapes)):
+def _build_pyramid(client: Any, map_tasks: Callable[..., Any], output: str, layout: OutputLayout, spec: Any, first: int = 1) -> None:
+    """Every coarser level from ``first`` on, from the one above it: labels by nearest neighbour,
+    probabilities by mean (the blocks wrote the levels before ``first``)."""
+    for level in range(first, len(layout.shapes)):
         prefixes = [(f"{output}/", "nearest")] + ([(f"{output}/probabilities/", "mean")] if layout.probability_dtype else [])
         for prefix, method in prefixes:
             src, dst = f"{prefix}{level - 1}", f"{prefix}{level}"

@@ -3,16 +3,20 @@
 Level ``l`` is the 2^l× downsampled volume: mean for intensities and probabilities, nearest
 (every second voxel) for labels, so label values stay valid. A level is built region by region from
 the level below as it is stored, so memory stays bounded by one region whatever the volume size.
+The first levels are built by the segmentation's blocks themselves, from the result they hold
+(:func:`levels_in_blocks`): the pyramid pass then reads 8× less, or nothing.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 
 from .geometry import Box, Shape, ceil_div
 from .zarr_io import read_region, write_region
 
-__all__ = ["auto_levels", "level_shapes", "downsample", "level_regions", "build_level_region"]
+__all__ = ["auto_levels", "level_shapes", "downsample", "level_regions", "build_level_region", "levels_in_blocks", "write_block_levels"]
 
 MIN_LEVEL_SIZE = 16  # stop before any axis of a level would be shorter than this
 MAX_LEVELS = 6
@@ -60,3 +64,25 @@ def build_level_region(src_path: str, dst_path: str, box: Box, src_shape: Shape,
     src_box = Box(tuple(2 * a for a in box.start), tuple(min(2 * b, n) for b, n in zip(box.stop, src_shape)))  # type: ignore[arg-type]
     write_region(dst_path, box, downsample(read_region(src_path, src_box), method))
     return box.size
+
+
+def levels_in_blocks(counts: Shape, block: Shape, unit: Shape, levels: int) -> int:
+    """How many coarser levels every block can downsample from its own region and write itself.
+
+    Level ``k`` of a block's region is whole write units, and the same as downsampling the stored
+    level below, where the region starts on a multiple of ``2^k`` units on every axis (its end is
+    then one too, or the volume's end, where the edge repeats as it would in the whole level): a
+    block of a multiple of ``2^k`` units, or one block across that axis. ``counts``: blocks per axis.
+    """
+    k = 0
+    while k + 1 < levels and all(n == 1 or b % (2 ** (k + 1) * u) == 0 for n, b, u in zip(counts, block, unit)):
+        k += 1
+    return k
+
+
+def write_block_levels(paths: Sequence[str], region: Box, data: np.ndarray, method: str, volume: Shape) -> None:
+    """Write a block's ``data`` (its region of level 0) downsampled into levels 1, 2, … at ``paths``."""
+    shapes = level_shapes(volume, len(paths) + 1)
+    for level, path in enumerate(paths, start=1):
+        data = downsample(data, method)
+        write_region(path, region.scaled_down(2**level, shapes[level]), data)
