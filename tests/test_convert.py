@@ -360,10 +360,10 @@ def test_progress_counts_voxels(tmp_path):
     calls: list[int] = []
     out = tmp_path / "out.zarr"
     convert(mrc_file(tmp_path / "in.mrc", data), out, chunk=16, levels=3, progress=calls.append)
-    n0 = len(copy_regions(ODD, (16, 16, 16), 2))
+    n0 = len(copy_regions(ODD, (32, 32, 32), 2))  # regions two chunks deep and wide, which write level 1 too
     assert all(isinstance(c, int) and c > 0 for c in calls)
-    assert sum(calls[:n0]) == data.size  # level 0 first, one call per region
     shapes = [group_of(out)[str(i)].shape for i in range(3)]
+    assert sum(calls[:n0]) == data.size + int(np.prod(shapes[1]))  # levels 0 and 1 first, one call per region
     assert sum(calls) == sum(int(np.prod(s)) for s in shapes)
 
 
@@ -471,3 +471,23 @@ def test_conftest_volume_round_trips(tmp_path):
     report = convert(write_mrc(tmp_path / "in.mrc", volume), out, chunk=16, levels=2)
     assert report.voxel_size == (10.0, 10.0, 10.0)
     np.testing.assert_array_equal(level(out, 0), volume)
+
+
+@pytest.mark.parametrize("ngff, shard", [("0.4", None), ("0.5", 16)])
+def test_level_1_from_the_regions_equals_level_1_from_the_stored_level_0(tmp_path, monkeypatch, ngff, shard):
+    """Regions two write units deep write level 1 from the data they hold; regions too small for that
+    (one unit each) leave it to the pass over stored level 0: the two pyramids are the same bits."""
+    data = sample(ODD, np.float32, seed=12)
+    data.flat[:3] = data.flat[-1] = 0.0
+    src = mrc_file(tmp_path / "in.mrc", data)
+    built_from = []
+    real = convert_module.build_level_region
+    monkeypatch.setattr(convert_module, "build_level_region", lambda src, dst, *a: built_from.append(src[-1]) or real(src, dst, *a))
+    convert(src, tmp_path / "regions.zarr", ngff=ngff, chunk=8, shard=shard, levels=3)
+    assert set(built_from) == {"1"}  # level 2 from level 1; level 1 came from the regions
+    built_from.clear()
+    monkeypatch.setattr(convert_module, "REGION_BYTES", 2000)  # below two units of float32 in every axis
+    convert(src, tmp_path / "stored.zarr", ngff=ngff, chunk=8, shard=shard, levels=3)
+    assert set(built_from) == {"0", "1"}
+    for i in range(3):
+        assert np.array_equal(bits(level(tmp_path / "regions.zarr", i)), bits(level(tmp_path / "stored.zarr", i)))

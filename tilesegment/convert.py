@@ -1,8 +1,9 @@
 """``convert``: stream an MRC tomogram into a chunked, compressed, multiscale OME-Zarr image.
 
-Level 0 is copied region by region (a slab one write unit deep, tiled in y and x so a region stays
-around 64 MiB whatever the tomogram's width) through a short-lived memory map; each later level is
-built from the stored level below (2× mean). Peak memory is a few regions, independent of the
+Level 0 is copied region by region (a slab two write units deep, tiled in y and x so a region stays
+around 64 MiB whatever the tomogram's width) through a short-lived memory map; each region also
+writes its own 2× mean into level 1, so the level is built without reading level 0 back; each later
+level is built from the stored level below. Peak memory is a few regions, independent of the
 volume's size. Values and dtype are kept exactly; the voxel size and origin come from the header.
 """
 
@@ -18,10 +19,10 @@ import numpy as np
 
 from . import __version__
 from .errors import OptionError
-from .geometry import Box, Shape
+from .geometry import Box, Shape, ceil_div
 from .mrc import inspect_mrc, read_mrc_region
 from .ome import multiscales, ome_attrs
-from .pyramid import auto_levels, build_level_region, level_regions, level_shapes
+from .pyramid import auto_levels, build_level_region, level_regions, level_shapes, levels_in_blocks, write_block_levels
 from .storage import basename
 from .zarr_io import create_array, output_spec, create_group, update_attrs, write_region, write_unit
 
@@ -42,7 +43,8 @@ class ConvertReport:
 
 
 def copy_regions(shape: Shape, unit: Shape, itemsize: int) -> list[Box]:
-    """Write-unit-aligned regions: one unit deep in z, whole rows where they fit in ``REGION_BYTES``."""
+    """Regions aligned to ``unit`` (a write unit, or a multiple): one unit deep in z, whole rows where
+    they fit in ``REGION_BYTES``."""
     nz, ny, nx = shape
     row_bytes = unit[0] * itemsize  # bytes per (y, x) position of a slab
     cols = nx if unit[1] * nx * row_bytes <= REGION_BYTES else max(unit[2], REGION_BYTES // (unit[1] * row_bytes) // unit[2] * unit[2])
@@ -97,14 +99,21 @@ def convert(
             "mrc_mode": info.mode, "origin_angstrom": origin, "voxel_size_recorded": info.voxel_size is not None}
     group.attrs.update({"tilesegment": meta})  # the OME metadata comes last: until then no reader takes it for an image
 
-    level0 = f"{output}/0"
+    # regions two write units deep and wide (where that still fits a region) write level 1 too
+    doubled = tuple(2 * u for u in unit)
+    aligned = doubled if n_levels > 1 and int(np.prod(doubled)) * dtype.itemsize <= REGION_BYTES else unit
+    regions = copy_regions(info.shape, aligned, dtype.itemsize)
+    piece = regions[0].shape
+    in_regions = levels_in_blocks(tuple(ceil_div(n, p) for n, p in zip(info.shape, piece)), piece, unit, min(n_levels, 2))  # type: ignore[arg-type]
+    level0, coarser = f"{output}/0", [f"{output}/{level}" for level in range(1, in_regions + 1)]
 
     def copy(box: Box) -> int:
-        write_region(level0, box, read_mrc_region(info, box))
-        return box.size
+        data = read_mrc_region(info, box)
+        write_region(level0, box, data)
+        return box.size + write_block_levels(coarser, box, data, "mean", info.shape)
 
-    _run(copy, ((box,) for box in copy_regions(info.shape, unit, dtype.itemsize)), threads, progress)
-    for level in range(1, n_levels):
+    _run(copy, ((box,) for box in regions), threads, progress)
+    for level in range(in_regions + 1, n_levels):
         tasks = [(f"{output}/{level - 1}", f"{output}/{level}", box, shapes[level - 1], "mean")
                  for box in level_regions(shapes[level], unit)]
         _run(build_level_region, tasks, threads, progress)

@@ -80,9 +80,13 @@ def levels_in_blocks(counts: Shape, block: Shape, unit: Shape, levels: int) -> i
     return k
 
 
-def write_block_levels(paths: Sequence[str], region: Box, data: np.ndarray, method: str, volume: Shape) -> None:
-    """Write a block's ``data`` (its region of level 0) downsampled into levels 1, 2, … at ``paths``."""
-    shapes = level_shapes(volume, len(paths) + 1)
+def write_block_levels(paths: Sequence[str], region: Box, data: np.ndarray, method: str, volume: Shape) -> int:
+    """Write a block's ``data`` (its region of level 0) downsampled into levels 1, 2, … at ``paths``;
+    return the voxels written."""
+    shapes, written = level_shapes(volume, len(paths) + 1), 0
     for level, path in enumerate(paths, start=1):
         data = downsample(data, method)
-        write_region(path, region.scaled_down(2**level, shapes[level]), data)
+        box = region.scaled_down(2**level, shapes[level])
+        write_region(path, box, data)
+        written += box.size
+    return written
