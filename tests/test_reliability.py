@@ -31,19 +31,23 @@ from .test_cluster import dask_cluster
 SETTINGS = dict(tile=16, chunk=8, block=16, probabilities=True, probability_dtype="float32")
 
 
-def arrays(path: str) -> tuple[np.ndarray, np.ndarray]:
+def arrays(path: str, level: int = 0) -> tuple[np.ndarray, np.ndarray]:
     group = zarr.open_group(zarr_store(path), mode="r")
-    return np.asarray(group["0"][:]), np.asarray(group["probabilities/0"][:])
+    return np.asarray(group[str(level)][:]), np.asarray(group[f"probabilities/{level}"][:])
 
 
 def assert_same_output(path: str, reference: str, exact: bool = True) -> None:
-    """Same labels and probabilities as ``reference``, complete, and no journal or lock left (local or URL)."""
-    (labels, probs), (ref_labels, ref_probs) = arrays(path), arrays(reference)
-    np.testing.assert_array_equal(labels, ref_labels)
-    if exact:
-        np.testing.assert_array_equal(probs, ref_probs)
-    else:  # another process tree may use other thread counts: float sums in another order
-        np.testing.assert_allclose(probs, ref_probs, atol=1e-6)
+    """Same labels and probabilities as ``reference`` at every pyramid level, complete, and no journal
+    or lock left (local or URL)."""
+    levels = len(list(zarr.open_group(zarr_store(reference), mode="r").array_keys()))
+    assert levels > 1
+    for level in range(levels):
+        (labels, probs), (ref_labels, ref_probs) = arrays(path, level), arrays(reference, level)
+        np.testing.assert_array_equal(labels, ref_labels)
+        if exact:
+            np.testing.assert_array_equal(probs, ref_probs)
+        else:  # another process tree may use other thread counts: float sums in another order
+            np.testing.assert_allclose(probs, ref_probs, atol=1e-6)
     group = zarr.open_group(zarr_store(path), mode="r")
     assert group.attrs["tilesegment"]["status"] == "complete" and "multiscales" in group.attrs
     assert not exists(join(path, ".tilesegment-journal")) and not exists(lock_path(path))
@@ -226,6 +230,15 @@ def test_a_failed_run_is_incomplete_refused_and_resumed_to_the_same_output(tmp_p
         segment(src, out, model=small_net, client=client, **SETTINGS)
     with pytest.raises(OptionError, match="tile"):
         segment(src, out, model=small_net, client=client, resume=True, **{**SETTINGS, "tile": 8})
+    # a run begun by a version whose blocks did not write pyramid level 1 themselves: resuming it
+    # would leave the level 1 of its finished blocks empty, so it is refused
+    group = zarr.open_group(out, mode="r+")
+    recorded = group.attrs["tilesegment"]
+    assert recorded["run"]["pyramid_levels_by_blocks"] == 1
+    group.attrs["tilesegment"] = {**recorded, "run": {k: v for k, v in recorded["run"].items() if k != "pyramid_levels_by_blocks"}}
+    with pytest.raises(OptionError, match="pyramid_levels_by_blocks was None, now 1"):
+        segment(src, out, model=small_net, client=client, resume=True, **SETTINGS)
+    group.attrs["tilesegment"] = recorded
     report = segment(src, out, model=small_net, client=client, resume=True, **SETTINGS)
     from tilesegment.plan import BlockPlan
 

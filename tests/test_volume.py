@@ -52,6 +52,7 @@ def test_mrc_statistics_read_only_the_sampled_planes(tmp_path, monkeypatch, data
     assert planes == list(range(0, data.shape[0], 3))
 
 
+@pytest.mark.filterwarnings("ignore:Data array contains NaN values")  # mrcfile warns as the fixture writes the NaN
 def test_nan_in_a_sampled_plane_is_refused_with_its_place(tmp_path, monkeypatch, data):
     data[12, 3, 6] = np.nan
     path = write_mrc(tmp_path / "v.mrc", data)

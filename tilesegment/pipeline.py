@@ -165,12 +165,14 @@ def segment(
     layout = OutputLayout(ngff, spec, level_shapes(source.shape, n_levels), source.voxel_size or (config.voxel_size,) * 3,
                           _label_names(config), "uint8" if len(config.class_names) <= 255 else "uint16", config.out_channels,
                           probability_dtype if probabilities else None)
+    # pyramid levels the blocks downsample and write themselves; the coarser ones are built after them
+    in_blocks = levels_in_blocks(plan.counts, plan.block, write_unit(spec), n_levels)
     # what decides the output's bytes: a resumed run must repeat all of it
     where = normalize(source.path) if is_url(source.path) else os.path.abspath(source.path)
     run = {"input": where, "shape": list(source.shape), "model_sha256": hashlib.sha256(checkpoint).hexdigest(),
            "tile": list(tile_shape), "overlap": overlap, "blend": blend, "block": list(plan.block), "chunk": list(spec.chunk),
            "shard": list(spec.shard) if spec.shard else None, "ngff": ngff, "levels": n_levels,
-           "probabilities": layout.probability_dtype, "precision": precision}
+           "probabilities": layout.probability_dtype, "precision": precision, "pyramid_levels_by_blocks": in_blocks}
     if not is_url(output):  # an object store has no folders to make
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with OutputLock(output) as lock:
@@ -186,7 +188,6 @@ def segment(
             info = check_same_run(output, run)
             normalization = tuple(info["normalization"]) if info.get("normalization") else None
         journal = BlockJournal(output)
-        in_blocks = levels_in_blocks(plan.counts, plan.block, write_unit(spec), n_levels)  # the rest after the blocks
         if action == FINISHED:
             journal.remove()  # left over if the finishing run was stopped right after marking complete
             return RunReport(output, source.shape, 0, plan.grid.count, plan.block_count, int(info.get("foreground_voxels", 0)),
