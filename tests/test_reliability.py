@@ -105,6 +105,13 @@ def test_a_record_is_the_npz_numpy_would_write(tmp_path):
     np.savez(tmp_path / "numpy.npz", result=np.array([4, 504, 17]), **{"piece-" + "".join(map(str, k)): v for k, v in pieces.items()})
     with np.load(tmp_path / "numpy.npz") as expected:
         assert sorted(journal.members((0, 0, 0))) == sorted(expected.files)
+    # pieces are read in place (one positioned read, no zipfile reader): a damaged record is refused
+    damaged = bytearray(open(journal.path((0, 0, 0)), "rb").read())
+    assert damaged[:4] == b"PK\x03\x04"  # the local header of the first member, piece (1, 0, 0)
+    damaged[:4] = b"XXXX"
+    open(journal.path((0, 0, 0)), "wb").write(bytes(damaged))
+    with pytest.raises(ValueError, match="no zip member header"):
+        journal.piece((0, 0, 0), (1, 0, 0))
 
 
 def test_a_staged_record_is_invisible_until_committed_and_discarding_leaves_nothing(tmp_path):

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import shutil
+import struct
 import uuid
 import zipfile
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 JOURNAL_DIR = ".tilesegment-journal"
 _RESULT = "result"
 _READ_BLOCK = 256 * 2**10  # from an object store, read a journal file in ranges: only the member asked for
+_LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # a zip member's local file header (APPNOTE 4.3.7)
 
 
 def _name(index: Sequence[int]) -> str:
@@ -66,6 +69,33 @@ def _write_npz(f: Any, arrays: Mapping[str, np.ndarray]) -> None:
                 np.lib.format.write_array_header_1_0(member, np.lib.format.header_data_from_array_1_0(array))
                 if array.size:  # (an empty memoryview cannot be cast)
                     member.write(array.data.cast("B"))
+
+
+def _read_stored_member(path: str, name: str) -> np.ndarray:
+    """The array ``name`` of the local .npz at ``path``, read with one positioned read of its bytes.
+
+    ``np.load`` goes through zipfile's reader, which copies a member in small reads and checks its
+    CRC: 7 ms for a 17 MB piece against 1 ms this way, for every piece a block takes. The record was
+    written whole under a temporary name and renamed, so it is complete; a short read is refused."""
+    with open(path, "rb") as f:
+        with zipfile.ZipFile(f) as archive:
+            info = archive.getinfo(name + ".npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise ValueError(f"{path}: {name} is compressed; journal records are written uncompressed")
+        f.seek(info.header_offset)
+        local = f.read(_LOCAL_HEADER.size)
+        signature, *_, name_length, extra_length = _LOCAL_HEADER.unpack(local)
+        if signature != b"PK\x03\x04":
+            raise ValueError(f"{path}: no zip member header at {info.header_offset}")
+        f.seek(info.header_offset + _LOCAL_HEADER.size + name_length + extra_length)
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(f)
+        count = math.prod(shape)
+        data = np.fromfile(f, dtype=dtype, count=count)
+    if data.size != count:
+        raise ValueError(f"{path}: {name} holds {data.size} of its {count} values")
+    return data.reshape(shape, order="F" if fortran_order else "C")
 
 
 def _unlink(path: str) -> None:
@@ -161,6 +191,9 @@ class BlockJournal:
 
     def piece(self, index: Sequence[int], offset: Sequence[int]) -> np.ndarray:
         """The spill piece that done block ``index`` hands to its neighbour at ``offset``."""
+        path = self.path(index)
+        if not is_url(path):
+            return _read_stored_member(path, _piece_name(offset))
         return self._read(index, lambda data: data[_piece_name(offset)])
 
     def drop_pieces(self, index: Sequence[int]) -> None:
