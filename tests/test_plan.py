@@ -183,3 +183,26 @@ def test_consumers_are_the_upper_neighbours_that_take_a_piece():
     for index in plan.indices():
         assert all((index, tuple(c - i for c, i in zip(consumer, index))) in plan.spills_into(consumer)
                    for consumer in plan.consumers(index))
+
+
+@settings(max_examples=200, deadline=None)
+@given(volume=st.tuples(*[st.integers(1, 120)] * 3), tile=st.tuples(*[st.integers(1, 24)] * 3),
+       overlap=st.sampled_from([0.0, 0.25, 0.5, 0.75]), unit=st.tuples(*[st.integers(1, 16)] * 3))
+def test_default_blocks_are_whole_units_and_whole_strides_where_they_can_be(volume, tile, overlap, unit):
+    """The default block: whole write units, two to three tiles (or the whole axis), and where it is
+    a whole number of strides, no block's sums reach more than tile - stride into its neighbours (but
+    for the grid's last tile, shifted inward to end at the volume's edge)."""
+    plan = BlockPlan.create(volume, tile, overlap, unit)
+    stride = plan.grid.stride
+    for axis, (n, t, s, u, b) in enumerate(zip(volume, tile, stride, unit, plan.block)):
+        assert b % u == 0
+        whole_axis = -(-n // u) * u
+        assert b == whole_axis or min(2 * t, whole_axis) <= b <= max(3 * t, -(-2 * t // u) * u)
+        whole_strides = [m for m in range(2 * t, 3 * t + 1) if m % s == 0 and m % u == 0]
+        if whole_strides and b < whole_axis:  # a block of whole strides and units fits in 2-3 tiles: the least is taken
+            assert b == whole_strides[0]
+        if b % s == 0 and b < whole_axis:
+            for index in plan.indices():
+                extent = plan.extent(index)
+                if extent.stop[axis] < n:
+                    assert extent.stop[axis] - plan.region(index).stop[axis] <= t - s

@@ -199,7 +199,7 @@ class BlockJournal:
     def drop_pieces(self, index: Sequence[int]) -> None:
         """Keep only the counts of done block ``index``: its pieces are spent once every block that
         takes one is done. The journal then holds pieces for about one plane of blocks, not for the
-        whole volume (a 128³ block's pieces are 40 MB with the default model)."""
+        whole volume (a block's pieces are about 23 MB with the default model and block)."""
         try:
             names, counts = self._read(index, lambda data: (data.files, _counts(data)))
         except FileNotFoundError:
