@@ -99,12 +99,13 @@ def convert(
             "mrc_mode": info.mode, "origin_angstrom": origin, "voxel_size_recorded": info.voxel_size is not None}
     group.attrs.update({"tilesegment": meta})  # the OME metadata comes last: until then no reader takes it for an image
 
-    # regions two write units deep and wide (where that still fits a region) write level 1 too
+    # regions two write units deep and wide (where that still fits a region) write level 1 too (and more
+    # levels where a region spans whole axes: levels_in_blocks)
     doubled = tuple(2 * u for u in unit)
     aligned = doubled if n_levels > 1 and int(np.prod(doubled)) * dtype.itemsize <= REGION_BYTES else unit
     regions = copy_regions(info.shape, aligned, dtype.itemsize)
     piece = regions[0].shape
-    in_regions = levels_in_blocks(tuple(ceil_div(n, p) for n, p in zip(info.shape, piece)), piece, unit, min(n_levels, 2))  # type: ignore[arg-type]
+    in_regions = levels_in_blocks(tuple(ceil_div(n, p) for n, p in zip(info.shape, piece)), piece, unit, n_levels)  # type: ignore[arg-type]
     level0, coarser = f"{output}/0", [f"{output}/{level}" for level in range(1, in_regions + 1)]
 
     def copy(box: Box) -> int:
