@@ -529,7 +529,7 @@ def child_segment(params: dict[str, Any]) -> None:
 
     The phases come from wrapping the functions ``segment()`` calls (timing only): the intensity
     statistics, ``connect`` (cluster start; its exit is the cluster's shut-down), ``install_model``
-    (the model loaded on every worker), ``run_blocks`` and the pyramid; ``on_start`` and the first
+    (the model loaded on every worker) and ``run_blocks`` (the blocks write the pyramid too); ``on_start`` and the first
     progress report are marked too. ``cpu_seconds``: CPU time of this process (every thread: client,
     scheduler, an in-process worker) plus that of worker processes, reaped when the cluster closes.
     Just before the cluster shuts down, the workers' VmHWM is read
@@ -585,7 +585,6 @@ def child_segment(params: dict[str, Any]) -> None:
     executor.connect = timed_connect
     executor.install_model = timed("install_model", executor.install_model)
     executor.run_blocks = timed("run_blocks", executor.run_blocks)
-    pipeline._build_pyramid = timed("pyramid", pipeline._build_pyramid)
     statistics = timed("statistics", pipeline.intensity_statistics)
     statistics_reads: dict[str, int] = {}
 
@@ -642,9 +641,8 @@ def phases_of(result: dict[str, Any]) -> dict[str, float]:
         "cluster start": m["connect_end"] - m["connect_start"],
         "model on every worker": m["install_model_end"] - m["install_model_start"],
         "create output": m["run_blocks_start"] - m["install_model_end"],
-        "blocks (read, forward, blend, write)": m["run_blocks_end"] - m["run_blocks_start"],
+        "blocks (read, forward, blend, write, pyramid)": m["run_blocks_end"] - m["run_blocks_start"],
         "  of which until the first tiles were reported": m.get("first_tiles", m["run_blocks_start"]) - m["run_blocks_start"],
-        "pyramid": m["pyramid_end"] - m["pyramid_start"],
         "cluster shut-down": m["shutdown_end"] - m["shutdown_start"],
         "finish output (metadata)": m["finish_output_end"] - m["finish_output_start"],
     }

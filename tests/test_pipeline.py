@@ -62,13 +62,27 @@ def pyramid(path: str) -> list[np.ndarray]:
         [np.asarray(group["probabilities"][name][:]) for name in sorted(group["probabilities"].array_keys(), key=int)]
 
 
+def assert_each_level_downsamples_the_one_below(path: str) -> None:
+    """The stored pyramid, which the blocks wrote unit by unit, against downsampling each whole
+    stored level (labels by nearest, probabilities by mean): the same bits."""
+    from tilesegment.pyramid import downsample
+
+    group = zarr.open_group(path, mode="r")
+    for arrays, method in [(group, "nearest")] + ([(group["probabilities"], "mean")] if "probabilities" in group else []):
+        names = sorted(arrays.array_keys(), key=int)
+        for below, level in zip(names, names[1:]):
+            np.testing.assert_array_equal(arrays[level][:], downsample(arrays[below][:], method), err_msg=f"{path} level {level}")
+
+
 def test_result_independent_of_block_and_chunk(tmp_path, client, small_net):
-    """Other blocks and chunks give the same result, pyramid levels included: the reference builds
-    level 1 after its blocks (16-voxel blocks of 16-voxel chunks); 32-voxel blocks of 8-voxel
-    chunks downsample level 1 themselves, and so does the one block across the whole volume."""
+    """Other blocks and chunks give the same result, pyramid levels included, and every level is
+    the one below it downsampled, though the blocks wrote the coarser levels unit by unit (16-voxel
+    blocks of 16-voxel chunks: a level-1 unit spans two blocks per axis; 24-voxel blocks of 8-voxel
+    chunks: units straddle block borders; one block across the whole volume)."""
     volume = random_volume((40, 52, 36), seed=3)
     reference = run_small(tmp_path, client, small_net, volume, "a", chunk=16, block=16, levels=3)
     levels = pyramid(str(tmp_path / "a.zarr"))
+    assert_each_level_downsamples_the_one_below(str(tmp_path / "a.zarr"))
     cases = [dict(chunk=16, block=48), dict(chunk=8, block=24), dict(chunk=(8, 16, 8), block=(32, 16, 40)), dict(chunk=8, block=32),
              dict(chunk=8, block=(40, 56, 40))]
     for i, options in enumerate(cases):
@@ -76,6 +90,7 @@ def test_result_independent_of_block_and_chunk(tmp_path, client, small_net):
         assert report.blocks != reference[0].blocks or options["chunk"] != 16
         np.testing.assert_allclose(probs, reference[1], atol=1e-6)
         assert (labs != reference[2]).mean() < 1e-4  # argmax may flip only at exact ties
+        assert_each_level_downsamples_the_one_below(str(tmp_path / f"b{i}.zarr"))
         for got, expected in zip(pyramid(str(tmp_path / f"b{i}.zarr")), levels, strict=True):
             if np.issubdtype(expected.dtype, np.integer):
                 assert got.shape == expected.shape and (got != expected).mean() < 1e-3  # labels: the ties above, picked

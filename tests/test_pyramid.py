@@ -78,3 +78,46 @@ def test_the_levels_blocks_write_themselves_equal_the_levels_built_whole(volume,
             built[level][box.slices()] = part
     for level in range(1, k + 1):
         np.testing.assert_array_equal(built[level], whole[level])
+
+
+@settings(max_examples=120, deadline=None)
+@given(volume=st.tuples(st.integers(1, 48), st.integers(1, 48), st.integers(1, 48)), unit=st.tuples(*[st.sampled_from([1, 2, 3, 4, 8])] * 3),
+       multiples=st.tuples(*[st.integers(1, 6)] * 3), levels=st.integers(1, 6), method=st.sampled_from(["mean", "nearest"]),
+       channels=st.sampled_from([None, 2]), seed=st.integers(0, 2**16))
+def test_blocks_writing_their_own_units_build_every_level_exactly_once(volume, unit, multiples, levels, method, channels, seed):
+    """Blocks, in any order that puts a block after every block below it on all axes (what the task
+    graph guarantees), write the units of every level they own: each unit is whole, written once, from
+    stored data that was already written, and every level equals downsampling the whole level below."""
+    from tilesegment.geometry import Box, ceil_div
+    from tilesegment.pyramid import level_shapes, owned_level_box, owned_levels
+
+    rng = np.random.default_rng(seed)
+    block = tuple(m * u for m, u in zip(multiples, unit))
+    counts = tuple(ceil_div(n, b) for n, b in zip(volume, block))
+    lead = (channels,) if channels else ()
+    data = rng.random(lead + volume).astype(np.float32)
+    shapes = level_shapes(volume, levels)
+    whole = [data]
+    for _ in range(1, levels):
+        whole.append(downsample(whole[-1], method))
+    stored = [np.full(lead + shape, np.nan, np.float32) for shape in shapes]
+
+    def read(level: int, box: Box) -> np.ndarray:
+        part = stored[level][(Ellipsis, *box.slices())]
+        assert not np.isnan(part).any(), f"read level {level} {box} before it was written"
+        return part.copy()
+
+    indices = list(itertools.product(*(range(n) for n in counts)))
+    order = sorted(indices, key=lambda index: (sum(index), rng.random()))  # lower blocks first, ties in random order
+    for index in order:
+        region = Box.from_shape(block, tuple(i * b for i, b in zip(index, block))).intersect(Box.from_shape(volume))
+        part = data[(Ellipsis, *region.slices())]
+        stored[0][(Ellipsis, *region.slices())] = part
+        for level, box, values in owned_levels(region, part, method, volume, unit, levels, read):
+            assert box == owned_level_box(region, volume, level, unit) and not box.empty
+            assert all(a % u == 0 and (b % u == 0 or b == n) for a, b, u, n in zip(box.start, box.stop, unit, shapes[level]))
+            target = stored[level][(Ellipsis, *box.slices())]
+            assert values.shape == target.shape and np.isnan(target).all()  # each voxel written once
+            stored[level][(Ellipsis, *box.slices())] = values
+    for level in range(levels):
+        np.testing.assert_array_equal(stored[level], whole[level])

@@ -236,13 +236,13 @@ def test_a_failed_run_is_incomplete_refused_and_resumed_to_the_same_output(tmp_p
         segment(src, out, model=small_net, client=client, **SETTINGS)
     with pytest.raises(OptionError, match="tile"):
         segment(src, out, model=small_net, client=client, resume=True, **{**SETTINGS, "tile": 8})
-    # a run begun by a version whose blocks did not write pyramid level 1 themselves: resuming it
-    # would leave the level 1 of its finished blocks empty, so it is refused
+    # a run begun by a version whose blocks did not write every pyramid level themselves: resuming it
+    # would leave the coarser units its finished blocks own empty, so it is refused
     group = zarr.open_group(out, mode="r+")
     recorded = group.attrs["tilesegment"]
-    assert recorded["run"]["pyramid_levels_by_blocks"] == 1
-    group.attrs["tilesegment"] = {**recorded, "run": {k: v for k, v in recorded["run"].items() if k != "pyramid_levels_by_blocks"}}
-    with pytest.raises(OptionError, match="pyramid_levels_by_blocks was None, now 1"):
+    assert recorded["run"]["pyramid_levels_by_blocks"] == "all"
+    group.attrs["tilesegment"] = {**recorded, "run": {**recorded["run"], "pyramid_levels_by_blocks": 1}}
+    with pytest.raises(OptionError, match="pyramid_levels_by_blocks was 1, now 'all'"):
         segment(src, out, model=small_net, client=client, resume=True, **SETTINGS)
     group.attrs["tilesegment"] = recorded
     report = segment(src, out, model=small_net, client=client, resume=True, **SETTINGS)

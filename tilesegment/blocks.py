@@ -2,7 +2,8 @@
 
 ``process_block`` forwards the block's own tiles (each exactly once) and blends them into an
 accumulator over the block's extent; adds the thin spill pieces its (up to 7) lower neighbours
-recorded in the run's journal; normalises and writes every chunk of its region once; and records
+recorded in the run's journal; normalises and writes every chunk of its region once, and the
+units of the coarser pyramid levels it owns (:func:`tilesegment.pyramid.owned_level_box`); and records
 its own spill pieces for its upper neighbours, which marks it done (see :mod:`tilesegment.journal`).
 The whole block never waits in memory for anyone: only spill pieces (faces, edges, corners a tile
 overlap thick) wait, on disk. A block already in the journal is not computed again. See
@@ -23,7 +24,7 @@ from .errors import InputError
 from .geometry import Box, Shape
 from .journal import BlockJournal
 from .plan import BlockPlan, batches
-from .pyramid import write_block_levels
+from .pyramid import write_owned_levels
 from .volume import VolumeSource, read_volume
 from .zarr_io import write_region
 
@@ -60,7 +61,9 @@ class BlockJob:
     journal: BlockJournal
     probabilities_path: str | None = None
     probability_dtype: str = "float16"
-    label_levels: tuple[str, ...] = ()  # the coarser levels (1, 2, …) this block downsamples and writes itself
+    # the coarser levels (1, 2, …), of which each block writes the units it owns (pyramid.owned_level_box);
+    # a job with levels has every block wait for all its lower neighbours (executor.block_graph)
+    label_levels: tuple[str, ...] = ()
     probability_levels: tuple[str, ...] = ()
 
 
@@ -160,11 +163,11 @@ def process_block(job: BlockJob, index: Sequence[int], *_neighbours: BlockResult
     staging = _STAGER.submit(journal.stage, index, (result.tiles_forwarded, result.voxels_written, result.foreground_voxels), pieces)
     try:
         write_region(job.labels_path, region, labels)
-        write_block_levels(job.label_levels, region, labels, "nearest", plan.volume)
+        write_owned_levels((job.labels_path, *job.label_levels), region, labels, "nearest", plan.volume, plan.chunk)
         if job.probabilities_path:
             probabilities = to_probability_dtype(normalise(sums), job.probability_dtype)
             write_region(job.probabilities_path, region, probabilities)
-            write_block_levels(job.probability_levels, region, probabilities, "mean", plan.volume)
+            write_owned_levels((job.probabilities_path, *job.probability_levels), region, probabilities, "mean", plan.volume, plan.chunk)
     except BaseException:
         with contextlib.suppress(Exception):
             staging.result().discard()

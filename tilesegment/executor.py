@@ -5,7 +5,8 @@
 * The model reaches each worker once, through a worker plugin that carries the checkpoint bytes
   (workers started later get it too); tasks carry only the model's key.
 * The graph has one ``block`` task per unfinished block (see :mod:`tilesegment.blocks`), which
-  depends on its unfinished lower neighbours (whose spill pieces it reads from the run's journal),
+  depends on its unfinished lower neighbours (whose spill pieces it reads from the run's journal,
+  and whose stored output it reads for its units of the coarser pyramid levels),
   with falling priority in sweep order so the workers go through the volume plane by plane. A GPU
   worker runs two blocks at once (two threads): while one block's tiles are on the device, the
   other reads its input or blends and writes its output; the predictor lets one forward at a time
@@ -184,7 +185,10 @@ def block_graph(job: BlockJob, resources: dict[str, float] | None,
         if index in done:
             continue
         key = block_key(index)
-        waits_for = [block_key(source) for source, _ in plan.spills_into(index) if source not in done]
+        # the lower neighbours whose pieces it takes, and with a pyramid all of them: a block builds
+        # its units of the coarser levels partly from what the blocks below it stored
+        sources = {source for source, _ in plan.spills_into(index)} | (set(plan.lower_neighbours(index)) if job.label_levels else set())
+        waits_for = [block_key(source) for source in sorted(sources) if source not in done]
         blocks[key] = (process_block, job_key, list(index), *waits_for)
         priority[key] = -order  # sweep order: a block's lower neighbours (its inputs) come first
     annotations: dict[str, Any] = {"priority": priority.__getitem__}

@@ -29,7 +29,7 @@ from .journal import BlockJournal
 from .lock import OutputLock
 from .output import CONTINUE, CREATE, FINISHED, OutputLayout, check_same_run, create_output, decide, finish_output, output_state
 from .plan import BlockPlan
-from .pyramid import auto_levels, build_level_region, level_regions, level_shapes, levels_in_blocks
+from .pyramid import auto_levels, level_shapes
 from .storage import is_url, normalize
 from .volume import VolumeSource, intensity_statistics, open_volume
 from .zarr_io import output_spec, write_unit
@@ -132,7 +132,7 @@ def segment(
     subclasses for bad input.
     """
     from .executor import (connect, dashboard_link, default_torch_threads, embedded_worker_count, install_model,
-                           map_tasks, predict_resources, run_blocks)
+                           predict_resources, run_blocks)
     from .model import load_checkpoint, read_checkpoint
     from .predict import check_precision, model_key, resolve_device
 
@@ -165,14 +165,14 @@ def segment(
     layout = OutputLayout(ngff, spec, level_shapes(source.shape, n_levels), source.voxel_size or (config.voxel_size,) * 3,
                           _label_names(config), "uint8" if len(config.class_names) <= 255 else "uint16", config.out_channels,
                           probability_dtype if probabilities else None)
-    # pyramid levels the blocks downsample and write themselves; the coarser ones are built after them
-    in_blocks = levels_in_blocks(plan.counts, plan.block, write_unit(spec), n_levels)
     # what decides the output's bytes: a resumed run must repeat all of it
     where = normalize(source.path) if is_url(source.path) else os.path.abspath(source.path)
     run = {"input": where, "shape": list(source.shape), "model_sha256": hashlib.sha256(checkpoint).hexdigest(),
            "tile": list(tile_shape), "overlap": overlap, "blend": blend, "block": list(plan.block), "chunk": list(spec.chunk),
            "shard": list(spec.shard) if spec.shard else None, "ngff": ngff, "levels": n_levels,
-           "probabilities": layout.probability_dtype, "precision": precision, "pyramid_levels_by_blocks": in_blocks}
+           "probabilities": layout.probability_dtype, "precision": precision,
+           # the blocks write every level (before 2026-12-01, only some: such a run cannot be resumed)
+           "pyramid_levels_by_blocks": "all"}
     if not is_url(output):  # an object store has no folders to make
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with OutputLock(output) as lock:
@@ -197,8 +197,8 @@ def segment(
             blend=blend, normalization=normalization, label_rule="argmax" if config.output == "softmax" else "threshold",
             labels_path=f"{output}/0", label_dtype=layout.label_dtype, journal=journal,
             probabilities_path=f"{output}/probabilities/0" if probabilities else None, probability_dtype=probability_dtype,
-            label_levels=tuple(f"{output}/{level}" for level in range(1, in_blocks + 1)),
-            probability_levels=tuple(f"{output}/probabilities/{level}" for level in range(1, in_blocks + 1)) if probabilities else (),
+            label_levels=tuple(f"{output}/{level}" for level in range(1, n_levels)),
+            probability_levels=tuple(f"{output}/probabilities/{level}" for level in range(1, n_levels)) if probabilities else (),
         )
         embedded = client is None and scheduler is None
         if embedded and threads is None:  # share this machine's cores among the embedded workers
@@ -216,7 +216,6 @@ def segment(
             if progress and done:
                 progress(sum(plan.tile_count(index) for index in done))
             results = run_blocks(active, job, predict_resources(device), on_tiles=progress, done=done)
-            _build_pyramid(active, map_tasks, output, layout, spec, first=in_blocks + 1)
         lock.check()  # an object-store lock taken over while this run stalled: do not mark a mixed output complete
         forwarded = sum(r.tiles_forwarded for r in results)
         foreground = sum(r.foreground_voxels for r in results) + sum((journal.counts(i) or (0, 0, 0))[2] for i in done)
@@ -226,17 +225,6 @@ def segment(
         journal.remove()
     return RunReport(output, source.shape, forwarded, plan.grid.count, plan.block_count, foreground, seconds,
                      _label_names(config), link, {"resumed_blocks": len(done)})
-
-
-def _build_pyramid(client: Any, map_tasks: Callable[..., Any], output: str, layout: OutputLayout, spec: Any, first: int = 1) -> None:
-    """Every coarser level from ``first`` on, from the one above it: labels by nearest neighbour,
-    probabilities by mean (the blocks wrote the levels before ``first``)."""
-    for level in range(first, len(layout.shapes)):
-        prefixes = [(f"{output}/", "nearest")] + ([(f"{output}/probabilities/", "mean")] if layout.probability_dtype else [])
-        for prefix, method in prefixes:
-            src, dst = f"{prefix}{level - 1}", f"{prefix}{level}"
-            tasks = [(src, dst, box, layout.shapes[level - 1], method) for box in level_regions(layout.shapes[level], write_unit(spec))]
-            map_tasks(client, build_level_region, tasks)
 
 
 def _label_names(config: Any) -> tuple[str, ...]:

@@ -275,6 +275,11 @@ class BlockPlan:
         pieces are spent (the run's journal then keeps only its counts)."""
         return [tuple(i + d for i, d in zip(index, offset)) for offset in self.pieces(index) if any(offset)]  # type: ignore[misc]
 
+    def lower_neighbours(self, index: Shape) -> list[Shape]:
+        """The (up to 7) blocks one below this one on some axes and level with it on the others."""
+        below = (tuple(i - d for i, d in zip(index, offset)) for offset in SPILL_OFFSETS)
+        return [source for source in below if min(source) >= 0]  # type: ignore[misc]
+
     def spills_into(self, index: Shape) -> list[tuple[Shape, Shape]]:
         """``(source block, offset)`` of the lower neighbours' pieces that land in this block."""
         return [(source, offset) for source, offset in self.incoming(index) if offset != OFFSETS[0]]

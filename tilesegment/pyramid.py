@@ -3,20 +3,25 @@
 Level ``l`` is the 2^l× downsampled volume: mean for intensities and probabilities, nearest
 (every second voxel) for labels, so label values stay valid. A level is built region by region from
 the level below as it is stored, so memory stays bounded by one region whatever the volume size.
-The first levels are built by the segmentation's blocks themselves, from the result they hold
-(:func:`levels_in_blocks`): the pyramid pass then reads 8× less, or nothing.
+A segmentation's blocks write every level themselves (:func:`owned_levels`): each write unit of a
+coarser level is written by the one block whose region holds the last voxel of its footprint in
+level 0, from what that block holds plus what the blocks below it stored, so no pass over the output
+follows the blocks. ``tileseg convert`` writes the first levels from its regions
+(:func:`levels_in_blocks`) and builds the rest level by level.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import itertools
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from .geometry import Box, Shape, ceil_div
-from .zarr_io import read_region, write_region
+from .zarr_io import read_region, region_reader, write_region
 
-__all__ = ["auto_levels", "level_shapes", "downsample", "level_regions", "build_level_region", "levels_in_blocks", "write_block_levels"]
+__all__ = ["auto_levels", "level_shapes", "downsample", "level_regions", "build_level_region", "levels_in_blocks", "write_block_levels",
+           "owned_level_box", "owned_levels", "write_owned_levels"]
 
 MIN_LEVEL_SIZE = 16  # stop before any axis of a level would be shorter than this
 MAX_LEVELS = 6
@@ -88,5 +93,76 @@ def write_block_levels(paths: Sequence[str], region: Box, data: np.ndarray, meth
         data = downsample(data, method)
         box = region.scaled_down(2**level, shapes[level])
         write_region(path, box, data)
+        written += box.size
+    return written
+
+
+def owned_level_box(region: Box, volume: Shape, level: int, unit: Shape) -> Box:
+    """The write units of ``level`` that the block over ``region`` writes: those whose footprint in
+    level 0 ends inside the region (possibly none).
+
+    Every unit of the level has exactly one such block, and the rest of its footprint lies in blocks
+    below that one on every axis: blocks that are done before it runs, since every block waits for
+    its lower neighbours. Per axis, unit ``c`` covers ``[c·u·2^level, (c+1)·u·2^level)`` of level 0,
+    clipped to the volume.
+    """
+    shape = level_shapes(volume, level + 1)[level]
+    start, stop = [], []
+    for r0, r1, n, s, u in zip(region.start, region.stop, volume, shape, unit):
+        span = u * 2**level
+        first = r0 // span
+        last = ceil_div(s, u) if r1 >= n else r1 // span  # exclusive
+        start.append(min(first * u, s))
+        stop.append(max(start[-1], min(last * u, s)))
+    return Box(tuple(start), tuple(stop))  # type: ignore[arg-type]
+
+
+def owned_levels(region: Box, data: np.ndarray, method: str, volume: Shape, unit: Shape, levels: int,
+                 read: Callable[[int, Box], np.ndarray]) -> Iterator[tuple[int, Box, np.ndarray]]:
+    """``(level, box, values)`` of every level from 1 to ``levels - 1`` that the block over ``region``
+    writes (:func:`owned_level_box`), given ``data``, its region of level 0.
+
+    A level's units are downsampled from the level below exactly as the whole level would be; the
+    part of that source this block holds (its region, then the units it made of the level before)
+    comes from memory, the rest from ``read(level, box)``: stored units of the blocks below it.
+    """
+    shapes = level_shapes(volume, levels)
+    known_box, known = region, data
+    for level in range(1, levels):
+        box = owned_level_box(region, volume, level, unit)
+        if box.empty:
+            known_box, known = box, data[..., :0, :0, :0]
+            continue
+        source = Box(tuple(2 * a for a in box.start), tuple(min(2 * b, n) for b, n in zip(box.stop, shapes[level - 1])))  # type: ignore[arg-type]
+        values = downsample(_assemble(source, known_box, known, lambda part: read(level - 1, part)), method)
+        yield level, box, values
+        known_box, known = box, values
+
+
+def _assemble(box: Box, known_box: Box, known: np.ndarray, read: Callable[[Box], np.ndarray]) -> np.ndarray:
+    """``box`` of a level, from ``known`` (over ``known_box``) where it has it and from ``read`` elsewhere.
+    Per axis the box splits where ``known_box`` starts: up to 8 parts, each known or read whole."""
+    cuts = [sorted({a, min(max(k, a), b), b}) for a, b, k in zip(box.start, box.stop, known_box.start)]
+    out = np.empty((*known.shape[:-3], *box.shape), dtype=known.dtype)
+    for zs, ys, xs in itertools.product(*(list(zip(c[:-1], c[1:])) for c in cuts)):
+        part = Box((zs[0], ys[0], xs[0]), (zs[1], ys[1], xs[1]))
+        where = (Ellipsis, *part.slices(box))
+        out[where] = known[(Ellipsis, *part.slices(known_box))] if known_box.contains(part) else read(part)
+    return out
+
+
+def write_owned_levels(paths: Sequence[str], region: Box, data: np.ndarray, method: str, volume: Shape, unit: Shape) -> int:
+    """Write the block's units of levels 1, 2, … (``paths[1:]``; ``paths[0]`` is level 0, where the
+    block's ``data`` is already written); return the voxels written."""
+    readers: dict[int, Callable[[Box], np.ndarray]] = {}
+
+    def read(level: int, box: Box) -> np.ndarray:
+        if level not in readers:
+            readers[level] = region_reader(paths[level])
+        return readers[level](box)
+
+    written = 0
+    for level, box, values in owned_levels(region, data, method, volume, unit, len(paths), read):
+        write_region(paths[level], box, values)
         written += box.size
     return written
