@@ -98,6 +98,35 @@ def test_result_independent_of_block_and_chunk(tmp_path, client, small_net):
                 np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
+def test_pyramid_built_by_concurrent_blocks_without_spills(tmp_path, client, identity_model, monkeypatch):
+    """With no tile overlap no block takes spill pieces, so only the pyramid orders the blocks: each
+    waits for its lower neighbours, whose stored output its coarser units read. Two workers run
+    blocks at once, the first blocks along x write their level 0 late (so a block that did not wait
+    would read its lower neighbour's chunks before they exist), and 24-voxel blocks of 8-voxel chunks put
+    level-1 and level-2 units across block borders. Every level must still be the one below it
+    downsampled (the identity network: level 0 is the input's labels)."""
+    import time
+
+    from tilesegment import blocks
+
+    write_region = blocks.write_region
+
+    def slow_write_region(path, box, data):
+        if box.start[2] == 0:  # the first blocks along x write last
+            time.sleep(0.1)
+        write_region(path, box, data)
+
+    monkeypatch.setattr(blocks, "write_region", slow_write_region)
+    volume = random_volume((72, 64, 56), seed=11)
+    src = write_mrc(tmp_path / "in.mrc", volume)
+    out = str(tmp_path / "out.zarr")
+    report = segment(src, out, model=identity_model, tile=8, overlap=0.0, chunk=8, block=24, levels=4,
+                     probabilities=True, probability_dtype="float32", client=client)
+    assert report.blocks == 27 and report.tiles_forwarded == report.tile_count
+    np.testing.assert_allclose(probabilities(out)[0], volume, rtol=1e-5, atol=1e-6)
+    assert_each_level_downsamples_the_one_below(out)
+
+
 def test_result_independent_of_worker_count(tmp_path, small_net):
     from distributed import Client, LocalCluster
 
