@@ -78,13 +78,14 @@ def test_result_independent_of_block_and_chunk(tmp_path, client, small_net):
     """Other blocks and chunks give the same result, pyramid levels included, and every level is
     the one below it downsampled, though the blocks wrote the coarser levels unit by unit (16-voxel
     blocks of 16-voxel chunks: a level-1 unit spans two blocks per axis; 24-voxel blocks of 8-voxel
-    chunks: units straddle block borders; one block across the whole volume)."""
+    chunks: units straddle block borders; one block across the whole volume; Zarr v3 shards, the
+    write unit, straddling 48-voxel blocks)."""
     volume = random_volume((40, 52, 36), seed=3)
     reference = run_small(tmp_path, client, small_net, volume, "a", chunk=16, block=16, levels=3)
     levels = pyramid(str(tmp_path / "a.zarr"))
     assert_each_level_downsamples_the_one_below(str(tmp_path / "a.zarr"))
     cases = [dict(chunk=16, block=48), dict(chunk=8, block=24), dict(chunk=(8, 16, 8), block=(32, 16, 40)), dict(chunk=8, block=32),
-             dict(chunk=8, block=(40, 56, 40))]
+             dict(chunk=8, block=(40, 56, 40)), dict(chunk=8, shard=16, ngff="0.5", block=48)]
     for i, options in enumerate(cases):
         report, probs, labs = run_small(tmp_path, client, small_net, volume, f"b{i}", levels=3, **options)
         assert report.blocks != reference[0].blocks or options["chunk"] != 16
