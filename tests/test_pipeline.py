@@ -195,6 +195,34 @@ def test_each_tile_forwarded_exactly_once(tmp_path, client, small_net):
     assert max(seen) <= 3
 
 
+def _blosc_settings(array) -> tuple[int, str]:
+    (codec,) = array.compressors
+    if isinstance(codec.shuffle, int):  # numcodecs (Zarr v2)
+        return codec.clevel, {0: "noshuffle", 1: "shuffle", 2: "bitshuffle"}[codec.shuffle]
+    return codec.clevel, codec.shuffle.value
+
+
+@pytest.mark.parametrize("ngff", ["0.4", "0.5"])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "uint8"])
+def test_probabilities_get_their_own_compression(tmp_path, client, identity_model, ngff, dtype):
+    """Every level of the probabilities is written with the settings chosen for its dtype (fast zstd),
+    the labels with the default; what is read back is what was computed."""
+    from tilesegment.zarr_io import DEFAULT_COMPRESSION, PROBABILITY_COMPRESSION
+
+    volume = random_volume((40, 36, 44), seed=5)
+    src = write_mrc(tmp_path / "in.mrc", volume)
+    out = str(tmp_path / "out.zarr")
+    segment(src, out, model=identity_model, tile=16, chunk=8, ngff=ngff, levels=2, probabilities=True, probability_dtype=dtype, client=client)
+    group = zarr.open_group(out, mode="r")
+    wanted = PROBABILITY_COMPRESSION[dtype]
+    for level in ("0", "1"):
+        assert _blosc_settings(group[level]) == (DEFAULT_COMPRESSION.level, DEFAULT_COMPRESSION.shuffle)
+        assert _blosc_settings(group["probabilities"][level]) == (wanted.level, wanted.shuffle)
+    expected = volume if dtype != "uint8" else np.round(np.clip(volume, 0, 1) * 255)
+    tolerance = {"float16": dict(rtol=1e-3, atol=1e-3), "float32": dict(rtol=1e-5, atol=1e-6), "uint8": dict(rtol=0, atol=1)}[dtype]
+    np.testing.assert_allclose(probabilities(out)[0].astype(np.float32), expected, **tolerance)
+
+
 def test_output_metadata_and_pyramid(tmp_path, client, identity_model):
     volume = random_volume((64, 70, 66))
     src = write_mrc(tmp_path / "in.mrc", volume)

@@ -20,7 +20,7 @@ from .journal import BlockJournal
 from .lock import lock_holder
 from .ome import image_label, multiscales, ome_attrs
 from .storage import describe_failure, exists, remedy
-from .zarr_io import ArraySpec, create_array, create_group, read_attrs, update_attrs
+from .zarr_io import PROBABILITY_COMPRESSION, ArraySpec, create_array, create_group, read_attrs, update_attrs
 
 __all__ = ["OutputLayout", "OutputStatus", "describe_output", "output_state", "decide", "check_same_run", "create_output", "finish_output",
            "CREATE", "CONTINUE", "FINISHED"]
@@ -106,7 +106,8 @@ def create_output(output: str, layout: OutputLayout, info: dict[str, Any], overw
     if layout.probability_dtype:
         probabilities = group.create_group("probabilities")
         for path, shape in zip(layout.paths, layout.shapes):
-            create_array(probabilities, path, shape, layout.probability_dtype, layout.spec, channels=layout.channels)
+            create_array(probabilities, path, shape, layout.probability_dtype, layout.spec, channels=layout.channels,
+                         compression=PROBABILITY_COMPRESSION[layout.probability_dtype])
     group.attrs.update({"tilesegment": {**info, "status": "incomplete"}})
 
 

@@ -26,6 +26,9 @@ from .storage import describe_failure, exists, filesystem, is_url, parent, remed
 
 __all__ = [
     "ArraySpec",
+    "Compression",
+    "DEFAULT_COMPRESSION",
+    "PROBABILITY_COMPRESSION",
     "ZarrInput",
     "create_group",
     "create_array",
@@ -42,6 +45,28 @@ __all__ = [
 ]
 
 COMPRESSION_LEVEL = 5
+
+
+@dataclass(frozen=True)
+class Compression:
+    """Blosc/zstd settings of one array: zstd's level and Blosc's shuffle (``bitshuffle``,
+    ``shuffle`` for bytes, ``noshuffle``)."""
+
+    level: int = COMPRESSION_LEVEL
+    shuffle: str = "bitshuffle"
+
+
+#: Labels and intensities: zstd 5 with bitshuffle (labels of a simulated 256³ tomogram 28× smaller).
+DEFAULT_COMPRESSION = Compression()
+
+#: Class probabilities by dtype, measured on a simulated 256³ tomogram's probability map
+#: (benchmarks/RESULTS.md): zstd 1 encodes 3-7× as fast as zstd 5 with bitshuffle, and with byte
+#: shuffle float16 and uint8 maps come out 3 % and 20 % smaller too; float32 keeps bitshuffle
+#: (3 % larger at zstd 1; byte shuffle would be 10 %).
+PROBABILITY_COMPRESSION = {"float16": Compression(1, "shuffle"), "uint8": Compression(1, "shuffle"),
+                           "float32": Compression(1, "bitshuffle")}
+
+_V2_SHUFFLE = {"bitshuffle": numcodecs.Blosc.BITSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE, "noshuffle": numcodecs.Blosc.NOSHUFFLE}
 
 
 @dataclass(frozen=True)
@@ -69,10 +94,10 @@ def write_unit(spec: ArraySpec) -> Shape:
     return spec.shard or spec.chunk
 
 
-def _compressor(zarr_format: int, dtype: np.dtype):
+def _compressor(zarr_format: int, dtype: np.dtype, compression: Compression = DEFAULT_COMPRESSION):
     if zarr_format == 2:
-        return numcodecs.Blosc(cname="zstd", clevel=COMPRESSION_LEVEL, shuffle=numcodecs.Blosc.BITSHUFFLE)
-    return BloscCodec(cname="zstd", clevel=COMPRESSION_LEVEL, shuffle="bitshuffle", typesize=np.dtype(dtype).itemsize)
+        return numcodecs.Blosc(cname="zstd", clevel=compression.level, shuffle=_V2_SHUFFLE[compression.shuffle])
+    return BloscCodec(cname="zstd", clevel=compression.level, shuffle=compression.shuffle, typesize=np.dtype(dtype).itemsize)
 
 
 def create_group(path: str, ngff: str, overwrite: bool = False) -> zarr.Group:
@@ -113,7 +138,7 @@ def open_array(path: str, mode: str = "r") -> zarr.Array:
 
 
 def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: Any, spec: ArraySpec,
-                 channels: int | None = None, fill_value: Any = 0) -> zarr.Array:
+                 channels: int | None = None, fill_value: Any = 0, compression: Compression = DEFAULT_COMPRESSION) -> zarr.Array:
     """Create a compressed (Blosc/zstd) array; a leading channel axis gets chunk 1."""
     zarr_format = group.metadata.zarr_format
     chunks: tuple[int, ...] = tuple(min(c, n) for c, n in zip(spec.chunk, shape[-3:]))
@@ -128,7 +153,7 @@ def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: An
         shards = (1, *shards) if shards else None
         dims = ("c", *dims)
     kwargs: dict[str, Any] = dict(
-        shape=shape, chunks=chunks, dtype=dtype, compressors=_compressor(zarr_format, dtype), fill_value=fill_value,
+        shape=shape, chunks=chunks, dtype=dtype, compressors=_compressor(zarr_format, dtype, compression), fill_value=fill_value,
     )
     if zarr_format == 3:
         kwargs.update(shards=shards, dimension_names=dims)
