@@ -3,8 +3,9 @@ on a realistic map rather than on noise.
 
 Simulates a crowded tomogram (``tileseg simulate``: the 16 shipped complexes, density 0.25, SNR 1),
 segments it with the packaged default model writing float16 probabilities, and compresses every
-64³ chunk of the labels and of the probabilities (as float16, float32 and uint8, the three
-``--probability-dtype`` choices) with each candidate, on one thread, chunk by chunk as a block
+64³ chunk of the tomogram (as float32, and as float16, int16 and int8 MRC files would hold it: what
+``tileseg convert`` writes), of the labels and of the probabilities (as float16, float32 and uint8,
+the three ``--probability-dtype`` choices) with each candidate, on one thread, chunk by chunk as a block
 writes them. Reports encode and decode seconds and the compression ratio; the settings tileseg
 uses (``tilesegment.zarr_io``) are marked.
 
@@ -30,6 +31,7 @@ from _measure import machine_info, machine_line, save_report  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CANDIDATES = [(5, "bitshuffle"), (1, "bitshuffle"), (1, "shuffle"), (3, "shuffle"), (5, "shuffle")]
+SHUFFLES = {"bitshuffle": 2, "shuffle": 1, "noshuffle": 0}
 
 
 def chunks_of(data: np.ndarray, chunk: int = 64) -> list[np.ndarray]:
@@ -42,8 +44,7 @@ def chunks_of(data: np.ndarray, chunk: int = 64) -> list[np.ndarray]:
 def measure(chunks: list[np.ndarray], level: int, shuffle: str) -> dict[str, float]:
     import numcodecs
 
-    codec = numcodecs.Blosc(cname="zstd", clevel=level, shuffle={"bitshuffle": numcodecs.Blosc.BITSHUFFLE,
-                                                                 "shuffle": numcodecs.Blosc.SHUFFLE}[shuffle])
+    codec = numcodecs.Blosc(cname="zstd", clevel=level, shuffle=SHUFFLES[shuffle])
     encode = []
     for _ in range(2):  # the faster of two passes
         started = time.perf_counter()
@@ -68,7 +69,9 @@ def main() -> None:
 
     from tilesegment import segment
     from tilesegment.simulate import SimulationConfig, simulate
-    from tilesegment.zarr_io import DEFAULT_COMPRESSION, PROBABILITY_COMPRESSION
+    from tilesegment.geometry import Box
+    from tilesegment.volume import open_volume, read_volume
+    from tilesegment.zarr_io import DEFAULT_COMPRESSION, PROBABILITY_COMPRESSION, intensity_compression
 
     numcodecs.blosc.set_nthreads(1)
     machine = machine_info()
@@ -78,14 +81,23 @@ def main() -> None:
         segment(report.tomogram, out, probabilities=True)
         labels = np.asarray(zarr.open_array(f"{out}/0")[:])
         p16 = np.asarray(zarr.open_array(f"{out}/probabilities/0")[:])
-    arrays = {"labels uint8": (labels, DEFAULT_COMPRESSION),
+        tomogram = open_volume(report.tomogram)
+        density = read_volume(tomogram, Box.from_shape(tomogram.shape)).astype(np.float32)
+    # intensities as `tileseg convert` gets them: the float32 reconstruction, and quantised the way
+    # 8- and 16-bit MRC files hold one (about 30 and 1000 grey levels per standard deviation)
+    scaled = (density - density.mean()) / density.std()
+    intensities = {"float32": density, "float16": density.astype(np.float16),
+                   "int16": np.clip(np.rint(scaled * 1000), -32768, 32767).astype(np.int16),
+                   "int8": np.clip(np.rint(scaled * 30), -128, 127).astype(np.int8)}
+    arrays = {f"intensities {dtype}": (data, intensity_compression(data.dtype)) for dtype, data in intensities.items()}
+    arrays |= {"labels uint8": (labels, DEFAULT_COMPRESSION),
               "probabilities float16": (p16, PROBABILITY_COMPRESSION["float16"]),
               "probabilities float32": (p16.astype(np.float32), PROBABILITY_COMPRESSION["float32"]),
               "probabilities uint8": (np.round(np.clip(p16.astype(np.float32), 0, 1) * 255).astype(np.uint8), PROBABILITY_COMPRESSION["uint8"])}
     rows: list[dict[str, Any]] = []
     for name, (data, chosen) in arrays.items():
         chunks = chunks_of(data)
-        for level, shuffle in CANDIDATES:
+        for level, shuffle in CANDIDATES + ([(chosen.level, chosen.shuffle)] if (chosen.level, chosen.shuffle) not in CANDIDATES else []):
             row = {"array": name, "mib": data.nbytes / 2**20, **measure(chunks, level, shuffle)}
             row["tileseg"] = (level, shuffle) == (chosen.level, chosen.shuffle)
             rows.append(row)

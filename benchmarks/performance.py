@@ -134,12 +134,12 @@ def child_convert_bare(params: dict[str, Any]) -> None:
 
     from tilesegment.convert import convert, copy_regions
     from tilesegment.mrc import inspect_mrc, read_mrc_region
-    from tilesegment.zarr_io import _compressor, output_spec, write_unit
+    from tilesegment.zarr_io import _compressor, intensity_compression, output_spec, write_unit
 
     threads = inspect.signature(convert).parameters["threads"].default
     info = inspect_mrc(params["input"])
     dtype = np.dtype(info.dtype).newbyteorder("=")
-    codec = _compressor(2, dtype)  # what convert's Zarr v2 (NGFF 0.4) arrays use
+    codec = _compressor(2, dtype, intensity_compression(dtype))  # what convert's Zarr v2 (NGFF 0.4) arrays use
     unit = write_unit(output_spec("0.4", params.get("chunk", 64), None))
 
     def work(box: Any) -> tuple[int, int]:

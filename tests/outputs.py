@@ -53,3 +53,11 @@ def copy_with_meta(out: str, directory, **changes) -> str:
         meta["run"] = {**meta["run"], "input": changes["input"]}
     update_attrs(copy, {"tilesegment": meta})
     return copy
+
+
+def blosc_settings(array) -> tuple[int, str]:
+    """``(zstd level, shuffle)`` of a Zarr v2 or v3 array's one Blosc compressor."""
+    (codec,) = array.compressors
+    if isinstance(codec.shuffle, int):  # numcodecs (Zarr v2)
+        return codec.clevel, {0: "noshuffle", 1: "shuffle", 2: "bitshuffle"}[codec.shuffle]
+    return codec.clevel, codec.shuffle.value

@@ -18,8 +18,10 @@ import tilesegment.convert as convert_module
 from tilesegment.convert import ConvertReport, convert, copy_regions
 from tilesegment.errors import InputError, OptionError, OutputError
 from tilesegment.geometry import Box, ceil_div
+from tilesegment.zarr_io import intensity_compression
 
 from .conftest import mrc_file, random_volume, sample, write_mrc
+from .outputs import blosc_settings
 
 MODE_DTYPES = {0: np.int8, 1: np.int16, 2: np.float32, 6: np.uint16, 12: np.float16}
 ODD = (37, 41, 29)
@@ -77,6 +79,10 @@ def test_round_trip_is_exact(tmp_path, mode, ngff):
     array = group["0"]
     assert array.metadata.zarr_format == group.metadata.zarr_format
     assert array.chunks == (16, 16, 16)
+    wanted = intensity_compression(dtype)  # integers never bitshuffled: that left them uncompressed
+    assert wanted.shuffle != "bitshuffle" or np.dtype(dtype).kind == "f"
+    for name in ("0", "1", "2"):
+        assert blosc_settings(group[name]) == (wanted.level, wanted.shuffle)
 
     ms = ome(out, ngff)["multiscales"]
     assert len(ms) == 1

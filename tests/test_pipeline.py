@@ -14,6 +14,7 @@ from tilesegment.pipeline import segment
 from tilesegment.predict import _PREDICTORS
 
 from .conftest import random_volume, write_mrc
+from .outputs import blosc_settings
 
 
 def probabilities(path: str) -> np.ndarray:
@@ -195,13 +196,6 @@ def test_each_tile_forwarded_exactly_once(tmp_path, client, small_net):
     assert max(seen) <= 3
 
 
-def _blosc_settings(array) -> tuple[int, str]:
-    (codec,) = array.compressors
-    if isinstance(codec.shuffle, int):  # numcodecs (Zarr v2)
-        return codec.clevel, {0: "noshuffle", 1: "shuffle", 2: "bitshuffle"}[codec.shuffle]
-    return codec.clevel, codec.shuffle.value
-
-
 @pytest.mark.parametrize("ngff", ["0.4", "0.5"])
 @pytest.mark.parametrize("dtype", ["float16", "float32", "uint8"])
 def test_probabilities_get_their_own_compression(tmp_path, client, identity_model, ngff, dtype):
@@ -216,8 +210,8 @@ def test_probabilities_get_their_own_compression(tmp_path, client, identity_mode
     group = zarr.open_group(out, mode="r")
     wanted = PROBABILITY_COMPRESSION[dtype]
     for level in ("0", "1"):
-        assert _blosc_settings(group[level]) == (DEFAULT_COMPRESSION.level, DEFAULT_COMPRESSION.shuffle)
-        assert _blosc_settings(group["probabilities"][level]) == (wanted.level, wanted.shuffle)
+        assert blosc_settings(group[level]) == (DEFAULT_COMPRESSION.level, DEFAULT_COMPRESSION.shuffle)
+        assert blosc_settings(group["probabilities"][level]) == (wanted.level, wanted.shuffle)
     expected = volume if dtype != "uint8" else np.round(np.clip(volume, 0, 1) * 255)
     tolerance = {"float16": dict(rtol=1e-3, atol=1e-3), "float32": dict(rtol=1e-5, atol=1e-6), "uint8": dict(rtol=0, atol=1)}[dtype]
     np.testing.assert_allclose(probabilities(out)[0].astype(np.float32), expected, **tolerance)

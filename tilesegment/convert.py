@@ -24,7 +24,7 @@ from .mrc import inspect_mrc, read_mrc_region
 from .ome import multiscales, ome_attrs
 from .pyramid import auto_levels, build_level_region, level_regions, level_shapes, levels_in_blocks, write_block_levels
 from .storage import basename
-from .zarr_io import create_array, output_spec, create_group, update_attrs, write_region, write_unit
+from .zarr_io import create_array, create_group, intensity_compression, output_spec, update_attrs, write_region, write_unit
 
 __all__ = ["convert", "ConvertReport", "copy_regions"]
 
@@ -91,7 +91,7 @@ def convert(
     group = create_group(output, ngff, overwrite=overwrite)
     paths = [str(i) for i in range(n_levels)]
     for path, shape in zip(paths, shapes):
-        create_array(group, path, shape, dtype, spec)
+        create_array(group, path, shape, dtype, spec, compression=intensity_compression(dtype))
     voxel = info.voxel_size or (1.0, 1.0, 1.0)
     # NaN/inf would be written as bare NaN/Infinity, which is not JSON: strict readers reject the whole group
     origin = list(info.origin) if np.isfinite(info.origin).all() else None
