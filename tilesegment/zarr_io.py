@@ -61,7 +61,7 @@ class Compression:
 DEFAULT_COMPRESSION = Compression()
 
 #: Class probabilities by dtype, measured on a simulated 256³ tomogram's probability map
-#: (benchmarks/RESULTS.md): zstd 1 encodes 3-7× as fast as zstd 5 with bitshuffle, and with byte
+#: (benchmarks/RESULTS.md): zstd 1 encodes 3-6× as fast as zstd 5 with bitshuffle, and with byte
 #: shuffle float16 and uint8 maps come out 3 % and 20 % smaller too; float32 keeps bitshuffle
 #: (3 % larger at zstd 1; byte shuffle would be 10 %).
 PROBABILITY_COMPRESSION = {"float16": Compression(1, "shuffle"), "uint8": Compression(1, "shuffle"),
