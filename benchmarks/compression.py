@@ -31,7 +31,6 @@ from _measure import machine_info, machine_line, save_report  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CANDIDATES = [(5, "bitshuffle"), (1, "bitshuffle"), (1, "shuffle"), (3, "shuffle"), (5, "shuffle")]
-SHUFFLES = {"bitshuffle": 2, "shuffle": 1, "noshuffle": 0}
 
 
 def chunks_of(data: np.ndarray, chunk: int = 64) -> list[np.ndarray]:
@@ -42,9 +41,9 @@ def chunks_of(data: np.ndarray, chunk: int = 64) -> list[np.ndarray]:
 
 
 def measure(chunks: list[np.ndarray], level: int, shuffle: str) -> dict[str, float]:
-    import numcodecs
+    from tilesegment.zarr_io import Compression, _compressor
 
-    codec = numcodecs.Blosc(cname="zstd", clevel=level, shuffle=SHUFFLES[shuffle])
+    codec = _compressor(2, chunks[0].dtype, Compression(level, shuffle))  # as tileseg's Zarr v2 arrays
     encode = []
     for _ in range(2):  # the faster of two passes
         started = time.perf_counter()

@@ -20,7 +20,7 @@ import numpy as np
 from .geometry import Box, Shape, ceil_div
 from .zarr_io import read_region, region_reader, write_region
 
-__all__ = ["auto_levels", "level_shapes", "downsample", "level_regions", "build_level_region", "levels_in_blocks", "write_block_levels",
+__all__ = ["auto_levels", "level_shapes", "downsample", "level_regions", "source_box", "build_level_region", "levels_in_blocks", "write_block_levels",
            "owned_level_box", "owned_levels", "write_owned_levels"]
 
 MIN_LEVEL_SIZE = 16  # stop before any axis of a level would be shorter than this
@@ -64,10 +64,14 @@ def level_regions(shape: Shape, unit: Shape, target: int = 128) -> list[Box]:
     return list(Box.from_shape(shape).split(piece))  # type: ignore[arg-type]
 
 
+def source_box(box: Box, below: Shape) -> Box:
+    """The box of the level below (of shape ``below``) that ``box`` of a level is downsampled from."""
+    return Box(tuple(2 * a for a in box.start), tuple(min(2 * b, n) for b, n in zip(box.stop, below)))  # type: ignore[arg-type]
+
+
 def build_level_region(src_path: str, dst_path: str, box: Box, src_shape: Shape, method: str) -> int:
     """Compute ``box`` of a level from the stored level below it; return voxels written."""
-    src_box = Box(tuple(2 * a for a in box.start), tuple(min(2 * b, n) for b, n in zip(box.stop, src_shape)))  # type: ignore[arg-type]
-    write_region(dst_path, box, downsample(read_region(src_path, src_box), method))
+    write_region(dst_path, box, downsample(read_region(src_path, source_box(box, src_shape)), method))
     return box.size
 
 
@@ -133,8 +137,7 @@ def owned_levels(region: Box, data: np.ndarray, method: str, volume: Shape, unit
         if box.empty:
             known_box, known = box, data[..., :0, :0, :0]
             continue
-        source = Box(tuple(2 * a for a in box.start), tuple(min(2 * b, n) for b, n in zip(box.stop, shapes[level - 1])))  # type: ignore[arg-type]
-        values = downsample(_assemble(source, known_box, known, lambda part: read(level - 1, part)), method)
+        values = downsample(_assemble(source_box(box, shapes[level - 1]), known_box, known, lambda part: read(level - 1, part)), method)
         yield level, box, values
         known_box, known = box, values
 
@@ -142,6 +145,8 @@ def owned_levels(region: Box, data: np.ndarray, method: str, volume: Shape, unit
 def _assemble(box: Box, known_box: Box, known: np.ndarray, read: Callable[[Box], np.ndarray]) -> np.ndarray:
     """``box`` of a level, from ``known`` (over ``known_box``) where it has it and from ``read`` elsewhere.
     Per axis the box splits where ``known_box`` starts: up to 8 parts, each known or read whole."""
+    if known_box.contains(box):  # all in memory (a block at the volume's start, say): no copy
+        return known[(Ellipsis, *box.slices(known_box))]
     cuts = [sorted({a, min(max(k, a), b), b}) for a, b, k in zip(box.start, box.stop, known_box.start)]
     out = np.empty((*known.shape[:-3], *box.shape), dtype=known.dtype)
     for zs, ys, xs in itertools.product(*(list(zip(c[:-1], c[1:])) for c in cuts)):

@@ -57,7 +57,7 @@ class Compression:
     shuffle: str = "bitshuffle"
 
 
-#: Labels (and wider-than-a-byte intensities): zstd 5 with bitshuffle (labels of a simulated 256³ tomogram 28× smaller).
+#: Labels and float intensities: zstd 5 with bitshuffle (labels of a simulated 256³ tomogram 28× smaller).
 DEFAULT_COMPRESSION = Compression()
 
 #: Class probabilities by dtype, measured on a simulated 256³ tomogram's probability map
@@ -66,6 +66,7 @@ DEFAULT_COMPRESSION = Compression()
 #: (3 % larger at zstd 1; byte shuffle would be 10 %).
 PROBABILITY_COMPRESSION = {"float16": Compression(1, "shuffle"), "uint8": Compression(1, "shuffle"),
                            "float32": Compression(1, "bitshuffle")}
+
 
 def intensity_compression(dtype: Any) -> Compression:
     """How ``tileseg convert`` writes a tomogram, measured on a simulated one (benchmarks/RESULTS.md).
