@@ -6,9 +6,13 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tilesegment.blending import accumulate, new_accumulator, normalise, window
+import pytest
+
+from tilesegment.blending import BLEND_MODES, accumulate, grid_weights, new_accumulator, normalise, profiles, summed_channels, window
 from tilesegment.blocks import labels_of_sums, to_labels
+from tilesegment.errors import OptionError
 from tilesegment.geometry import Box
+from tilesegment.plan import TileGrid
 
 
 @settings(max_examples=60, deadline=None)
@@ -22,17 +26,29 @@ def test_argmax_labels_equal_numpy_argmax_ties_included(classes, levels, seed):
     np.testing.assert_array_equal(labels, np.argmax(probabilities, axis=0))
 
 
-@settings(max_examples=60, deadline=None)
-@given(classes=st.integers(1, 5), levels=st.integers(1, 4), seed=st.integers(0, 2**16))
+@settings(max_examples=100, deadline=None)
+@given(classes=st.integers(1, 5), levels=st.sampled_from([1, 2, 4, 8]), seed=st.integers(0, 2**16))
 def test_labels_of_weighted_sums_equal_the_labels_of_their_probabilities(classes, levels, seed):
-    """Weights that are powers of two keep every product exact, so ties stay ties: labelling the sums
-    (no division) must give exactly np.argmax of the probabilities, and the threshold rule p > 1/2."""
+    """Softmax probabilities (summing to 1) in steps of a power of two, and weights that are powers
+    of two, keep every product and difference exact, so ties stay ties: labelling the summed
+    channels (class 0 left out, no division) must give exactly np.argmax of the probabilities."""
     rng = np.random.default_rng(seed)
-    probabilities = (rng.integers(0, levels + 1, size=(classes, 3, 4, 5)) / levels).astype(np.float32)
+    counts = rng.multinomial(levels, np.ones(classes) / classes, size=(3, 4, 5)).transpose(3, 0, 1, 2)
+    probabilities = (counts / levels).astype(np.float32)
     weights = np.exp2(rng.integers(-8, 4, size=(3, 4, 5))).astype(np.float32)
-    sums = np.concatenate([probabilities * weights, weights[None]])
-    np.testing.assert_array_equal(labels_of_sums(sums, "argmax", "uint8"), np.argmax(probabilities, axis=0))
-    np.testing.assert_array_equal(labels_of_sums(sums[[0, -1]], "threshold", "uint8"), probabilities[0] > 0.5)
+    sums = probabilities[summed_channels(classes, softmax=True)] * weights
+    assert len(sums) == max(1, classes - 1)
+    np.testing.assert_array_equal(labels_of_sums(sums, weights, "argmax", "uint8", classes), np.argmax(probabilities, axis=0))
+
+
+@settings(max_examples=60, deadline=None)
+@given(levels=st.sampled_from([1, 2, 4, 8]), seed=st.integers(0, 2**16))
+def test_threshold_labels_of_sums_are_probabilities_above_one_half(levels, seed):
+    rng = np.random.default_rng(seed)
+    probabilities = (rng.integers(0, levels + 1, size=(1, 3, 4, 5)) / levels).astype(np.float32)
+    weights = np.exp2(rng.integers(-8, 4, size=(3, 4, 5))).astype(np.float32)
+    labels = labels_of_sums(probabilities * weights, weights, "threshold", "uint8", 1)
+    np.testing.assert_array_equal(labels, probabilities[0] > 0.5)
 
 
 def test_threshold_labels_are_channel_zero_above_one_half():
@@ -40,24 +56,38 @@ def test_threshold_labels_are_channel_zero_above_one_half():
     np.testing.assert_array_equal(to_labels(probabilities, "threshold", "uint8"), [[[0, 0, 1, 1]]])
 
 
-def test_accumulate_and_normalise_equal_the_weighted_mean():
-    """Two overlapping tiles, one reaching past the accumulator: every voxel is Σ w·p / Σ w."""
+def test_window_is_the_outer_product_of_its_profiles():
+    for mode in BLEND_MODES:
+        z, y, x = profiles((5, 8, 3), mode)
+        np.testing.assert_allclose(window((5, 8, 3), mode), np.einsum("i,j,k->ijk", z, y, x), rtol=1e-7)
+        assert window((5, 8, 3), mode).max() == 1 and window((5, 8, 3), mode).min() > 0
+    assert window((64,) * 3, "gaussian").min() > 1e-11  # a corner: far above float32's smallest normal
+    with pytest.raises(OptionError, match="blending mode"):
+        window((4, 4, 4), "hann")
+
+
+@pytest.mark.parametrize("classes, softmax", [(3, True), (2, True), (1, False), (2, False)])
+def test_accumulate_and_normalise_equal_the_weighted_mean(classes, softmax):
+    """Tiles of a grid, some reaching past the accumulator: every voxel is Σ w·p / Σ w, with the
+    weights from the grid and, for a softmax, class 0 from the others."""
     rng = np.random.default_rng(0)
-    tile = (4, 4, 4)
-    weights = window(tile, "gaussian")
-    acc_box = Box((0, 0, 0), (6, 5, 4))
-    tiles = [Box((0, 0, 0), (4, 4, 4)), Box((2, 2, 0), (6, 6, 4))]
-    predictions = [rng.random((2, *tile), dtype=np.float32) for _ in tiles]
-    acc = new_accumulator(2, acc_box)
-    expected_sum = np.zeros((2, 6, 6, 4))
-    expected_weight = np.zeros((6, 6, 4))
-    for box, prediction in zip(tiles, predictions):
+    grid = TileGrid((10, 9, 4), (4, 4, 4), (3, 3, 4))
+    acc_box = Box((2, 0, 0), (8, 9, 4))
+    kept = summed_channels(classes, softmax)
+    acc = new_accumulator(len(range(classes)[kept]), acc_box)
+    expected_sum = np.zeros((classes, 10, 9, 4))
+    expected_weight = np.zeros((10, 9, 4))
+    weights = window(grid.tile, "gaussian")
+    for box in grid.tiles():
+        prediction = rng.random((classes, *grid.tile), dtype=np.float32)
+        if softmax:
+            prediction /= prediction.sum(axis=0)
         expected_sum[(slice(None), *box.slices())] += prediction * weights
         expected_weight[box.slices()] += weights
-        accumulate(acc, acc_box, prediction.copy(), box, weights)  # a copy: accumulate weights it in place
-    np.testing.assert_allclose(acc[:-1], expected_sum[:, :, :5], rtol=1e-6)
-    np.testing.assert_allclose(acc[-1], expected_weight[:, :5], rtol=1e-6)
-    covered = expected_weight > 0  # (z 0-1, y 4) is in no tile: 0 there
-    expected = np.divide(expected_sum, expected_weight, out=np.zeros_like(expected_sum), where=covered)
-    assert not covered.all()
-    np.testing.assert_allclose(normalise(acc), expected[:, :, :5], rtol=1e-5)
+        accumulate(acc, acc_box, prediction[kept].copy(), box, weights)  # a copy: accumulate weights it in place
+    inside = acc_box.slices()
+    np.testing.assert_allclose(acc, expected_sum[(kept, *inside)], rtol=1e-6)
+    sums_weights = grid_weights(grid, acc_box, "gaussian")
+    np.testing.assert_allclose(sums_weights, expected_weight[inside], rtol=1e-6)
+    expected = expected_sum / expected_weight
+    np.testing.assert_allclose(normalise(acc, sums_weights, classes), expected[(slice(None), *inside)], rtol=1e-5, atol=1e-6)

@@ -133,11 +133,16 @@ def test_forward_into_adds_what_numpy_blending_adds():
     acc_box = Box((8, 0, 0), (56, 40, 48))
     boxes = [Box((0, 0, 0), (32, 32, 32)), Box((24, 16, 24), (56, 48, 56)), Box((64, 0, 0), (96, 32, 32))]
     tiles = np.random.default_rng(1).standard_normal((3, *tile)).astype(np.float32)
-    got = new_accumulator(predictor.out_channels, acc_box)
+    assert predictor.out_channels == 2 and predictor.summed == slice(1, None)  # a softmax: class 1 only
+    got = new_accumulator(1, acc_box)
     predictor.forward_into(tiles, got, [placement(acc_box, box) for box in boxes], weights)
-    expected = new_accumulator(predictor.out_channels, acc_box)
-    for box, prediction in zip(boxes, predictor(tiles)):
+    expected = new_accumulator(1, acc_box)
+    summed = predictor.summed_probabilities(tiles)
+    np.testing.assert_allclose(summed, predictor(tiles)[:, predictor.summed], atol=1e-6)  # σ(l1 - l0) = softmax's class 1
+    for box, prediction in zip(boxes, summed):
         accumulate(expected, acc_box, prediction, box, weights)
-    assert placement(acc_box, boxes[2]) is None and expected[-1].min() == 0 < expected[-1].max()
+    assert placement(acc_box, boxes[2]) is None and expected.min() == 0 < expected.max()
     np.testing.assert_array_equal(got, expected)
+    with pytest.raises(ValueError, match="accumulator of 2 channels"):
+        predictor.forward_into(tiles, new_accumulator(2, acc_box), [placement(acc_box, box) for box in boxes], weights)
     assert not weights.flags.writeable  # the cached window is left as it was

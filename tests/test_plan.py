@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tilesegment.blending import window
+from tilesegment.blending import BLEND_MODES, grid_weights, window
 from tilesegment.errors import OptionError
 from tilesegment.geometry import Box
 from tilesegment.plan import BlockPlan, SpentPieces, TileGrid, batches, stride_for, tile_origins
@@ -36,15 +36,23 @@ def test_origins_cover_the_axis_in_order(length, tile, overlap):
 
 
 @settings(max_examples=200, deadline=None)
-@given(plans())
-def test_every_voxel_covered_and_weights_positive(plan):
+@given(plans(), st.sampled_from(BLEND_MODES), st.data())
+def test_every_voxel_covered_and_grid_weights_equal_the_summed_windows(plan, mode, data):
+    """The weights a block divides by come from the grid (a product of per-axis sums): they must
+    equal the windows of every tile, added up voxel by voxel, over any box of the volume."""
     coverage = np.zeros(plan.volume, np.float64)
     vol = plan.volume_box
-    w = window(plan.grid.tile, "gaussian")
+    w = window(plan.grid.tile, mode)
     for tile in plan.grid.tiles():
         inside = tile.intersect(vol)
         coverage[inside.slices()] += w[inside.slices(tile)]
     assert (coverage > 0).all()
+    start = tuple(data.draw(st.integers(0, n - 1)) for n in plan.volume)
+    stop = tuple(data.draw(st.integers(a + 1, n)) for a, n in zip(start, plan.volume))
+    box = Box(start, stop)
+    weights = grid_weights(plan.grid, box, mode)
+    assert weights.dtype == np.float32 and weights.shape == box.shape and (weights > 0).all()
+    np.testing.assert_allclose(weights, coverage[box.slices()], rtol=1e-6)
 
 
 @settings(max_examples=200, deadline=None)

@@ -244,6 +244,10 @@ def test_a_failed_run_is_incomplete_refused_and_resumed_to_the_same_output(tmp_p
     group.attrs["tilesegment"] = {**recorded, "run": {**recorded["run"], "pyramid_levels_by_blocks": 1}}
     with pytest.raises(OptionError, match="pyramid_levels_by_blocks was 1, now 'all'"):
         segment(src, out, model=small_net, client=client, resume=True, **SETTINGS)
+    # nor one whose spill pieces held every class and the weights (before the weights came from the grid)
+    group.attrs["tilesegment"] = {**recorded, "run": {k: v for k, v in recorded["run"].items() if k != "blend_sums"}}
+    with pytest.raises(OptionError, match="blend_sums was None, now 'grid weights'"):
+        segment(src, out, model=small_net, client=client, resume=True, **SETTINGS)
     group.attrs["tilesegment"] = recorded
     report = segment(src, out, model=small_net, client=client, resume=True, **SETTINGS)
     from tilesegment.plan import BlockPlan

@@ -1,29 +1,45 @@
 """Overlap blending: window weights, weighted accumulation and normalisation (numpy only).
 
 A voxel's result is ``Σ wᵢ·pᵢ / Σ wᵢ`` over every tile that covers it, where ``w`` is a smooth
-window that falls off towards the tile's border (where a CNN sees the least context). Windows are
-strictly positive, so every covered voxel has a defined result. Accumulators hold the weighted sums
-of the ``C`` output channels followed by the sum of weights in one ``(C + 1, z, y, x)`` float32 array,
-so a spill piece travels as one array.
+window that falls off towards the tile's border (where a CNN sees the least context).
+
+Only what cannot be derived is accumulated:
+
+* **No weight channel.** The window is separable (an outer product of one profile per axis) and the
+  global grid is a product of per-axis origins, so ``Σ wᵢ`` over every tile covering a voxel is the
+  product of three one-dimensional sums: :func:`grid_weights` computes it for any box from the grid
+  alone, exactly (in real arithmetic) what accumulating the windows would give.
+* **No class 0 of a softmax.** Its probabilities are 1 minus the others', so its weighted sum is
+  ``Σ w − Σ`` the others': an accumulator of a ``C``-class softmax holds classes ``1 … C-1``
+  (:func:`summed_channels`). For the common two classes that is one channel instead of three,
+  a third of the blending traffic, accumulator memory and spill-piece bytes.
+
+Windows are strictly positive (the gaussian's smallest value, in a tile's corner, is about 4e-11 of
+its centre, far above float32's smallest normal number), so every covered voxel has a defined result.
 """
 
 from __future__ import annotations
 
+import bisect
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import OptionError
 from .geometry import Box, Shape
 
-__all__ = ["BLEND_MODES", "window", "new_accumulator", "Placement", "placement", "accumulate", "add_piece", "normalise"]
+if TYPE_CHECKING:
+    from .plan import TileGrid
+
+__all__ = ["BLEND_MODES", "window", "profiles", "grid_weights", "summed_channels", "new_accumulator", "Placement",
+           "placement", "accumulate", "add_piece", "normalise"]
 
 #: Where one tile's prediction goes in an accumulator: ``(accumulator slices, tile slices)``.
 Placement = tuple[tuple[slice, ...], tuple[slice, ...]]
 
 BLEND_MODES = ("gaussian", "linear", "constant")
 GAUSSIAN_SIGMA = 0.125  # of the tile size, as MONAI's and nnU-Net's gaussian importance maps
-MIN_WEIGHT = 1e-3  # floor, relative to the centre, so border voxels covered by one tile stay defined
 
 
 def _profile(length: int, mode: str) -> np.ndarray:
@@ -37,20 +53,70 @@ def _profile(length: int, mode: str) -> np.ndarray:
     return np.exp(-0.5 * ((position - centre) / sigma) ** 2)
 
 
-@lru_cache(maxsize=16)
-def window(tile: Shape, mode: str = "gaussian") -> np.ndarray:
-    """Separable blending window of shape ``tile``, maximum 1, strictly positive (read-only)."""
+def _check_mode(mode: str) -> None:
     if mode not in BLEND_MODES:
         raise OptionError(f"--blend {mode!r} is not a blending mode.", f"Use one of: {', '.join(BLEND_MODES)}.")
-    profiles = [_profile(n, mode) for n in tile]
-    weights = profiles[0][:, None, None] * profiles[1][None, :, None] * profiles[2][None, None, :]
-    weights = np.maximum(weights / weights.max(), MIN_WEIGHT).astype(np.float32)
+
+
+@lru_cache(maxsize=16)
+def profiles(tile: Shape, mode: str = "gaussian") -> tuple[np.ndarray, ...]:
+    """The window's profile along each axis (float64, maximum 1, strictly positive; read-only)."""
+    _check_mode(mode)
+    found = []
+    for n in tile:
+        profile = _profile(n, mode)
+        profile = profile / profile.max()
+        profile.setflags(write=False)
+        found.append(profile)
+    return tuple(found)
+
+
+@lru_cache(maxsize=16)
+def window(tile: Shape, mode: str = "gaussian") -> np.ndarray:
+    """Separable blending window of shape ``tile``: the outer product of :func:`profiles`, maximum 1,
+    strictly positive (float32, read-only)."""
+    z, y, x = profiles(tile, mode)
+    weights = (z[:, None, None] * (y[:, None] * x[None, :])[None]).astype(np.float32)
     weights.setflags(write=False)
     return weights
 
 
+def _axis_coverage(origins: tuple[int, ...], profile: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """``Σ`` of the profile of every tile along one axis, over positions ``start … stop-1``."""
+    length = len(profile)
+    total = np.zeros(stop - start, np.float64)
+    first = bisect.bisect_right(origins, start - length)  # tiles that end after start
+    for origin in origins[first:]:
+        if origin >= stop:
+            break
+        lo, hi = max(origin, start), min(origin + length, stop)
+        total[lo - start:hi - start] += profile[lo - origin:hi - origin]
+    return total
+
+
+def grid_weights(grid: "TileGrid", box: Box, mode: str) -> np.ndarray:
+    """``Σ w`` over every tile of ``grid`` that covers each voxel of ``box`` (float32, ``box.shape``).
+
+    The product of the per-axis sums: the grid's tiles are every combination of its per-axis origins
+    and the window is a product of per-axis profiles, so the sum of the products is the product of
+    the sums. Positive at every voxel of the volume. Computed in float64 per axis and per plane.
+    """
+    z, y, x = (_axis_coverage(o, p, a, b) for o, p, a, b in zip(grid.origins, profiles(grid.tile, mode), box.start, box.stop))
+    plane = (y[:, None] * x[None, :]).astype(np.float32)
+    weights = np.empty(box.shape, np.float32)
+    np.multiply(z.astype(np.float32)[:, None, None], plane[None], out=weights)
+    return weights
+
+
+def summed_channels(channels: int, softmax: bool) -> slice:
+    """Which of a network's ``channels`` outputs an accumulator holds: all of them, except class 0
+    of a softmax over two or more classes (its sum is ``Σ w`` minus the others')."""
+    return slice(1, None) if softmax and channels > 1 else slice(None)
+
+
 def new_accumulator(channels: int, box: Box) -> np.ndarray:
-    return np.zeros((channels + 1, *box.shape), dtype=np.float32)
+    """Zeroed weighted sums of ``channels`` (the summed ones, see :func:`summed_channels`) over ``box``."""
+    return np.zeros((channels, *box.shape), dtype=np.float32)
 
 
 def placement(acc_box: Box, tile_box: Box) -> Placement | None:
@@ -63,7 +129,8 @@ def placement(acc_box: Box, tile_box: Box) -> Placement | None:
 
 
 def accumulate(acc: np.ndarray, acc_box: Box, prediction: np.ndarray, tile_box: Box, weights: np.ndarray) -> None:
-    """Add one tile's ``(C, *tile)`` prediction, weighted, into ``acc`` (which covers ``acc_box``).
+    """Add one tile's summed channels ``prediction`` (``(S, *tile)``), weighted, into ``acc`` (which
+    covers ``acc_box``).
 
     The numpy reference of what a block does (:meth:`tilesegment.predict.Predictor.forward_into`
     does the same arithmetic in PyTorch, on both cores). The weighting happens in place:
@@ -73,21 +140,23 @@ def accumulate(acc: np.ndarray, acc_box: Box, prediction: np.ndarray, tile_box: 
     if where is None:
         return
     dst, src = where
-    w = weights[src]
     weighted = prediction[(slice(None), *src)]
-    weighted *= w
-    acc[(slice(None, -1), *dst)] += weighted
-    acc[(-1, *dst)] += w
+    weighted *= weights[src]
+    acc[(slice(None), *dst)] += weighted
 
 
 def add_piece(acc: np.ndarray, acc_box: Box, piece: np.ndarray, piece_box: Box) -> None:
-    """Add a spilled accumulator piece (weighted sums and weights) into ``acc``."""
+    """Add a spilled accumulator piece (weighted sums) into ``acc``."""
     acc[(slice(None), *piece_box.slices(acc_box))] += piece
 
 
-def normalise(acc: np.ndarray) -> np.ndarray:
-    """Weighted sums over weights: the blended ``(C, ...)`` result (0 where nothing was added)."""
-    weights = acc[-1]
-    out = np.zeros((acc.shape[0] - 1, *acc.shape[1:]), dtype=np.float32)
-    np.divide(acc[:-1], weights, out=out, where=weights > 0)
+def normalise(sums: np.ndarray, weights: np.ndarray, channels: int) -> np.ndarray:
+    """The blended ``(channels, ...)`` probabilities of an accumulator's weighted sums and their
+    :func:`grid_weights`; a softmax's class 0, left out of the sums, is 1 minus the others (at least 0)."""
+    out = np.empty((channels, *sums.shape[1:]), dtype=np.float32)
+    first = channels - len(sums)
+    np.divide(sums, weights, out=out[first:])
+    if first:
+        np.subtract(np.float32(1.0), out[1:].sum(axis=0, dtype=np.float32), out=out[0])
+        np.maximum(out[0], np.float32(0.0), out=out[0])
     return out

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .blending import add_piece, new_accumulator, normalise, placement, window
+from .blending import add_piece, grid_weights, new_accumulator, normalise, placement, summed_channels, window
 from .errors import InputError
 from .geometry import Box, Shape
 from .journal import BlockJournal
@@ -65,6 +65,12 @@ class BlockJob:
     # a job with levels has every block wait for all its lower neighbours (executor.block_graph)
     label_levels: tuple[str, ...] = ()
     probability_levels: tuple[str, ...] = ()
+
+    @property
+    def summed_count(self) -> int:
+        """The channels of the block's accumulator (a softmax's class 0 is left out, see
+        :func:`tilesegment.blending.summed_channels`)."""
+        return len(range(self.channels)[summed_channels(self.channels, self.label_rule == "argmax")])
 
 
 @dataclass(frozen=True)
@@ -120,14 +126,21 @@ def to_labels(probabilities: np.ndarray, rule: str, dtype: str) -> np.ndarray:
     return labels
 
 
-def labels_of_sums(sums: np.ndarray, rule: str, dtype: str) -> np.ndarray:
-    """:func:`to_labels` of an accumulator's ``(C + 1, ...)`` weighted sums and weights, without
-    dividing first: the weights are positive, so comparing the sums compares the probabilities
-    (exactly, where a division could round two close ones to a tie), and a block that writes only
-    labels skips the division."""
-    if rule != "argmax":
-        return (sums[0] > np.float32(0.5) * sums[-1]).astype(dtype)
-    return to_labels(sums[:-1], rule, dtype)
+def labels_of_sums(sums: np.ndarray, weights: np.ndarray, rule: str, dtype: str, channels: int) -> np.ndarray:
+    """:func:`to_labels` of an accumulator's weighted sums (of the summed channels,
+    :func:`tilesegment.blending.summed_channels`) and their ``Σ w`` (``weights``), without dividing:
+    the weights are positive, so comparing sums compares probabilities (exactly, where a division
+    could round two close ones to a tie). A two-class softmax holds class 1 only: class 1 wins where
+    its probability is above one half (at one half the classes tie and class 0, the first, wins)."""
+    if rule != "argmax" or channels == 2:
+        above = np.greater(sums[0], np.multiply(weights, np.float32(0.5)))
+        return above.view(np.uint8) if np.dtype(dtype) == np.uint8 else above.astype(dtype)
+    if channels == 1:
+        return np.zeros(sums.shape[1:], dtype)
+    every = np.empty((channels, *sums.shape[1:]), np.float32)
+    every[1:] = sums
+    np.subtract(weights, sums.sum(axis=0, dtype=np.float32), out=every[0])
+    return to_labels(every, rule, dtype)
 
 
 def to_probability_dtype(probabilities: np.ndarray, dtype: str) -> np.ndarray:
@@ -150,12 +163,13 @@ def process_block(job: BlockJob, index: Sequence[int], *_neighbours: BlockResult
     region = plan.region(index)
     extent = plan.extent(index)
     acc_box = extent if not extent.empty else region
-    acc = new_accumulator(job.channels, acc_box)
+    acc = new_accumulator(job.summed_count, acc_box)
     forwarded = forward_tiles(job, index, acc, acc_box)
     for source, offset in plan.spills_into(index):
         add_piece(acc, acc_box, journal.piece(source, offset), plan.pieces(source)[offset])
     sums = acc[(slice(None), *region.slices(acc_box))]
-    labels = labels_of_sums(sums, job.label_rule, job.label_dtype)
+    weights = grid_weights(plan.grid, region, job.blend)
+    labels = labels_of_sums(sums, weights, job.label_rule, job.label_dtype, job.channels)
     result = BlockResult(index, forwarded, region.size, int(np.count_nonzero(labels)))
     pieces = {offset: acc[(slice(None), *box.slices(acc_box))] for offset, box in plan.pieces(index).items() if any(offset)}
     # the record is written beside the chunks (on the other core: the network is idle meanwhile) and
@@ -165,7 +179,7 @@ def process_block(job: BlockJob, index: Sequence[int], *_neighbours: BlockResult
         write_region(job.labels_path, region, labels)
         write_owned_levels((job.labels_path, *job.label_levels), region, labels, "nearest", plan.volume, plan.chunk)
         if job.probabilities_path:
-            probabilities = to_probability_dtype(normalise(sums), job.probability_dtype)
+            probabilities = to_probability_dtype(normalise(sums, weights, job.channels), job.probability_dtype)
             write_region(job.probabilities_path, region, probabilities)
             write_owned_levels((job.probabilities_path, *job.probability_levels), region, probabilities, "mean", plan.volume, plan.chunk)
     except BaseException:

@@ -172,7 +172,10 @@ def segment(
            "shard": list(spec.shard) if spec.shard else None, "ngff": ngff, "levels": n_levels,
            "probabilities": layout.probability_dtype, "precision": precision,
            # the blocks write every level (before 2026-12-01, only some: such a run cannot be resumed)
-           "pyramid_levels_by_blocks": "all"}
+           "pyramid_levels_by_blocks": "all",
+           # spill pieces hold the summed channels only, weights come from the grid (blending.py);
+           # until the evening of 2026-12-01 they held every class and the weights: such a run cannot be resumed
+           "blend_sums": "grid weights"}
     if not is_url(output):  # an object store has no folders to make
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with OutputLock(output) as lock:

