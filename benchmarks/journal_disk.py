@@ -1,8 +1,8 @@
 """Disk taken by a run's journal while it runs: with spent pieces dropped (tileseg) and kept to the end.
 
-A done block's record holds the spill pieces its upper neighbours take (weighted sums and weights,
-float32, as thick as the tiles reach past the block: 40 MB for a 128³ block with the default
-model). tileseg rewrites a record with its counts alone once every block that takes one of its
+A done block's record holds the spill pieces its upper neighbours take (the weighted sums of the
+summed channels, float32, as thick as the tiles reach past the block: one channel for the default
+model and for the identity network; see ``tilesegment.blending``). tileseg rewrites a record with its counts alone once every block that takes one of its
 pieces is done (``tilesegment.plan.SpentPieces``, ``BlockJournal.drop_pieces``). This runs
 ``segment()`` on the same volume twice, once as shipped and once with dropping turned off, samples
 the journal folder's size every 0.2 s, and reports the peak of each with the run's wall time

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import pytest
 
-from tilesegment.blending import BLEND_MODES, accumulate, grid_weights, new_accumulator, normalise, profiles, summed_channels, window
+from tilesegment.blending import BLEND_MODES, accumulate, grid_weights, new_accumulator, GridWeights, normalise, profiles, summed_channels, window
 from tilesegment.blocks import labels_of_sums, to_labels
 from tilesegment.errors import OptionError
 from tilesegment.geometry import Box
@@ -26,6 +26,11 @@ def test_argmax_labels_equal_numpy_argmax_ties_included(classes, levels, seed):
     np.testing.assert_array_equal(labels, np.argmax(probabilities, axis=0))
 
 
+def powers_of_two(rng: np.random.Generator) -> GridWeights:
+    """Weights of a (3, 4, 5) box whose factors, and so every product, are powers of two."""
+    return GridWeights(np.exp2(rng.integers(-4, 2, size=3)).astype(np.float32), np.exp2(rng.integers(-4, 2, size=(4, 5))).astype(np.float32))
+
+
 @settings(max_examples=100, deadline=None)
 @given(classes=st.integers(1, 5), levels=st.sampled_from([1, 2, 4, 8]), seed=st.integers(0, 2**16))
 def test_labels_of_weighted_sums_equal_the_labels_of_their_probabilities(classes, levels, seed):
@@ -35,8 +40,8 @@ def test_labels_of_weighted_sums_equal_the_labels_of_their_probabilities(classes
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(levels, np.ones(classes) / classes, size=(3, 4, 5)).transpose(3, 0, 1, 2)
     probabilities = (counts / levels).astype(np.float32)
-    weights = np.exp2(rng.integers(-8, 4, size=(3, 4, 5))).astype(np.float32)
-    sums = probabilities[summed_channels(classes, softmax=True)] * weights
+    weights = powers_of_two(rng)
+    sums = probabilities[summed_channels(classes, softmax=True)] * weights.array()
     assert len(sums) == max(1, classes - 1)
     np.testing.assert_array_equal(labels_of_sums(sums, weights, "argmax", "uint8", classes), np.argmax(probabilities, axis=0))
 
@@ -46,8 +51,8 @@ def test_labels_of_weighted_sums_equal_the_labels_of_their_probabilities(classes
 def test_threshold_labels_of_sums_are_probabilities_above_one_half(levels, seed):
     rng = np.random.default_rng(seed)
     probabilities = (rng.integers(0, levels + 1, size=(1, 3, 4, 5)) / levels).astype(np.float32)
-    weights = np.exp2(rng.integers(-8, 4, size=(3, 4, 5))).astype(np.float32)
-    labels = labels_of_sums(probabilities * weights, weights, "threshold", "uint8", 1)
+    weights = powers_of_two(rng)
+    labels = labels_of_sums(probabilities * weights.array(), weights, "threshold", "uint8", 1)
     np.testing.assert_array_equal(labels, probabilities[0] > 0.5)
 
 
@@ -88,6 +93,6 @@ def test_accumulate_and_normalise_equal_the_weighted_mean(classes, softmax):
     inside = acc_box.slices()
     np.testing.assert_allclose(acc, expected_sum[(kept, *inside)], rtol=1e-6)
     sums_weights = grid_weights(grid, acc_box, "gaussian")
-    np.testing.assert_allclose(sums_weights, expected_weight[inside], rtol=1e-6)
+    np.testing.assert_allclose(sums_weights.array(), expected_weight[inside], rtol=1e-6)
     expected = expected_sum / expected_weight
     np.testing.assert_allclose(normalise(acc, sums_weights, classes), expected[(slice(None), *inside)], rtol=1e-5, atol=1e-6)

@@ -50,9 +50,13 @@ def test_every_voxel_covered_and_grid_weights_equal_the_summed_windows(plan, mod
     start = tuple(data.draw(st.integers(0, n - 1)) for n in plan.volume)
     stop = tuple(data.draw(st.integers(a + 1, n)) for a, n in zip(start, plan.volume))
     box = Box(start, stop)
-    weights = grid_weights(plan.grid, box, mode)
-    assert weights.dtype == np.float32 and weights.shape == box.shape and (weights > 0).all()
+    found = grid_weights(plan.grid, box, mode)
+    weights = found.array()
+    assert weights.dtype == np.float32 and weights.shape == found.shape == box.shape and (weights > 0).all()
     np.testing.assert_allclose(weights, coverage[box.slices()], rtol=1e-6)
+    for i in range(box.shape[0]):  # what the blocks walk, plane by plane: the same values
+        np.testing.assert_array_equal(found.plane(i), weights[i])
+        np.testing.assert_array_equal(found.plane(i, 0.5), weights[i] * np.float32(0.5))
 
 
 @settings(max_examples=200, deadline=None)

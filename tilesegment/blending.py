@@ -21,6 +21,7 @@ its centre, far above float32's smallest normal number), so every covered voxel 
 from __future__ import annotations
 
 import bisect
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -32,7 +33,7 @@ from .geometry import Box, Shape
 if TYPE_CHECKING:
     from .plan import TileGrid
 
-__all__ = ["BLEND_MODES", "window", "profiles", "grid_weights", "summed_channels", "new_accumulator", "Placement",
+__all__ = ["BLEND_MODES", "window", "profiles", "grid_weights", "GridWeights", "summed_channels", "new_accumulator", "Placement",
            "placement", "accumulate", "add_piece", "normalise"]
 
 #: Where one tile's prediction goes in an accumulator: ``(accumulator slices, tile slices)``.
@@ -94,18 +95,40 @@ def _axis_coverage(origins: tuple[int, ...], profile: np.ndarray, start: int, st
     return total
 
 
-def grid_weights(grid: "TileGrid", box: Box, mode: str) -> np.ndarray:
-    """``Σ w`` over every tile of ``grid`` that covers each voxel of ``box`` (float32, ``box.shape``).
+@dataclass(frozen=True)
+class GridWeights:
+    """``Σ w`` over a box, kept as its two factors: per z-plane a scalar times one (y, x) plane.
+
+    Whoever needs it walks the box plane by plane (:meth:`plane`), so no array of the box's size is
+    made (28 MB for a 192³ block, and as much again for each temporary computed from it)."""
+
+    z: np.ndarray  # (nz,) float32
+    yx: np.ndarray  # (ny, nx) float32
+
+    @property
+    def shape(self) -> Shape:
+        return (len(self.z), *self.yx.shape)  # type: ignore[return-value]
+
+    def plane(self, i: int, scale: float = 1.0, out: np.ndarray | None = None) -> np.ndarray:
+        """Plane ``i`` of the weights times ``scale`` (a power of two keeps it exact)."""
+        return np.multiply(self.yx, np.float32(self.z[i] * np.float32(scale)), out=out)
+
+    def array(self) -> np.ndarray:
+        """The whole box (the same float32 values as :meth:`plane`, plane by plane)."""
+        return np.multiply(self.z[:, None, None], self.yx[None])
+
+
+def grid_weights(grid: "TileGrid", box: Box, mode: str) -> GridWeights:
+    """``Σ w`` over every tile of ``grid`` that covers each voxel of ``box``.
 
     The product of the per-axis sums: the grid's tiles are every combination of its per-axis origins
     and the window is a product of per-axis profiles, so the sum of the products is the product of
-    the sums. Positive at every voxel of the volume. Computed in float64 per axis and per plane.
+    the sums. Positive at every voxel of the volume. The per-axis sums are float64; the (y, x) plane
+    and the z factor are rounded to float32 once each, so every voxel is within 2 float32 roundings
+    of the exact sum.
     """
     z, y, x = (_axis_coverage(o, p, a, b) for o, p, a, b in zip(grid.origins, profiles(grid.tile, mode), box.start, box.stop))
-    plane = (y[:, None] * x[None, :]).astype(np.float32)
-    weights = np.empty(box.shape, np.float32)
-    np.multiply(z.astype(np.float32)[:, None, None], plane[None], out=weights)
-    return weights
+    return GridWeights(z.astype(np.float32), (y[:, None] * x[None, :]).astype(np.float32))
 
 
 def summed_channels(channels: int, softmax: bool) -> slice:
@@ -150,12 +173,14 @@ def add_piece(acc: np.ndarray, acc_box: Box, piece: np.ndarray, piece_box: Box) 
     acc[(slice(None), *piece_box.slices(acc_box))] += piece
 
 
-def normalise(sums: np.ndarray, weights: np.ndarray, channels: int) -> np.ndarray:
+def normalise(sums: np.ndarray, weights: GridWeights, channels: int) -> np.ndarray:
     """The blended ``(channels, ...)`` probabilities of an accumulator's weighted sums and their
     :func:`grid_weights`; a softmax's class 0, left out of the sums, is 1 minus the others (at least 0)."""
     out = np.empty((channels, *sums.shape[1:]), dtype=np.float32)
     first = channels - len(sums)
-    np.divide(sums, weights, out=out[first:])
+    plane = np.empty(weights.yx.shape, np.float32)
+    for i in range(sums.shape[1]):
+        np.divide(sums[:, i], weights.plane(i, out=plane), out=out[first:, i])
     if first:
         np.subtract(np.float32(1.0), out[1:].sum(axis=0, dtype=np.float32), out=out[0])
         np.maximum(out[0], np.float32(0.0), out=out[0])

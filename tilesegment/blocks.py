@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .blending import add_piece, grid_weights, new_accumulator, normalise, placement, summed_channels, window
+from .blending import GridWeights, add_piece, grid_weights, new_accumulator, normalise, placement, summed_channels, window
 from .errors import InputError
 from .geometry import Box, Shape
 from .journal import BlockJournal
@@ -126,20 +126,26 @@ def to_labels(probabilities: np.ndarray, rule: str, dtype: str) -> np.ndarray:
     return labels
 
 
-def labels_of_sums(sums: np.ndarray, weights: np.ndarray, rule: str, dtype: str, channels: int) -> np.ndarray:
+def labels_of_sums(sums: np.ndarray, weights: GridWeights, rule: str, dtype: str, channels: int) -> np.ndarray:
     """:func:`to_labels` of an accumulator's weighted sums (of the summed channels,
     :func:`tilesegment.blending.summed_channels`) and their ``Σ w`` (``weights``), without dividing:
     the weights are positive, so comparing sums compares probabilities (exactly, where a division
     could round two close ones to a tie). A two-class softmax holds class 1 only: class 1 wins where
-    its probability is above one half (at one half the classes tie and class 0, the first, wins)."""
-    if rule != "argmax" or channels == 2:
-        above = np.greater(sums[0], np.multiply(weights, np.float32(0.5)))
-        return above.view(np.uint8) if np.dtype(dtype) == np.uint8 else above.astype(dtype)
-    if channels == 1:
+    its probability is above one half (at one half the classes tie and class 0, the first, wins).
+    Plane by plane, so that no temporary of the block's size is made."""
+    if channels == 1 and rule == "argmax":
         return np.zeros(sums.shape[1:], dtype)
+    plane = np.empty(weights.yx.shape, np.float32)
+    if rule != "argmax" or channels == 2:
+        above = np.empty(sums.shape[1:], bool)
+        for i in range(sums.shape[1]):
+            np.greater(sums[0, i], weights.plane(i, 0.5, out=plane), out=above[i])
+        return above.view(np.uint8) if np.dtype(dtype) == np.uint8 else above.astype(dtype)
     every = np.empty((channels, *sums.shape[1:]), np.float32)
     every[1:] = sums
-    np.subtract(weights, sums.sum(axis=0, dtype=np.float32), out=every[0])
+    np.sum(sums, axis=0, dtype=np.float32, out=every[0])
+    for i in range(sums.shape[1]):
+        np.subtract(weights.plane(i, out=plane), every[0, i], out=every[0, i])
     return to_labels(every, rule, dtype)
 
 
