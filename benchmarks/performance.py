@@ -8,7 +8,8 @@ encoder-decoder), tile 64, overlap 0.25, gaussian blending and batch 4 everywher
    BlockPlan, module, device and torch thread count, inference mode, after a warm-up forward, no
    I/O) against `segment()`'s end-to-end wall time (MRC in, compressed Zarr out, cluster start-up
    included, and also without it);
-2. the peer: MONAI's `sliding_window_inference` (same tile, overlap, gaussian window, batch, model
+2. the peer: MONAI's `sliding_window_inference` (same tile, overlap, gaussian window: tileseg's, given as
+   `roi_weight_map`, since MONAI's own floors weights at 1e-3; same batch, model
    + softmax, threads) on the same volume held in memory: wall time and peak RSS against tileseg's
    (1 and 2 run in ``--rounds`` rounds of bare network, ``segment()`` and MONAI one after the other;
    ratios are taken within a round and their median reported, as single runs on a VM vary);
@@ -69,6 +70,7 @@ def child_monai(params: dict[str, Any]) -> None:
     from monai.inferers import sliding_window_inference
 
     from tilesegment.allocator import keep_freed_memory
+    from tilesegment.blending import window
     from tilesegment.executor import default_torch_threads
     from tilesegment.model import for_inference, load_checkpoint, read_checkpoint
 
@@ -99,10 +101,14 @@ def child_monai(params: dict[str, Any]) -> None:
         volume -= np.float32(mean)
         volume /= np.float32(std)
     inputs = torch.from_numpy(volume)[None, None]
+    # tileseg's gaussian window, so that both blend with the same weights: MONAI's own gaussian
+    # raises every weight below 1e-3 of the centre to 1e-3 (over half of a 64³ tile); tileseg's, as
+    # nnU-Net's, does not. The cost is the same either way (one multiplication per voxel of a tile)
+    weights = torch.from_numpy(np.array(window(tile, "gaussian")))
     read = time.perf_counter()
     with torch.inference_mode():
         probabilities = sliding_window_inference(inputs, roi_size=tile, sw_batch_size=batch, predictor=predictor,
-                                                 overlap=params["overlap"], mode="gaussian")
+                                                 overlap=params["overlap"], mode="gaussian", roi_weight_map=weights)
         inferred = time.perf_counter()
         labels = probabilities[0].argmax(dim=0).to(torch.uint8).numpy()
     ended, cpu = time.perf_counter(), time.process_time() - cpu
