@@ -1,7 +1,7 @@
 """The completion journal of a run, kept inside the output store.
 
 One file per finished block holds the block's result counts and the spill pieces it hands to its
-upper neighbours (weighted sums and weights a tile overlap thick). A block task stages its file
+upper neighbours (weighted sums of the summed channels, a tile overlap thick; see tilesegment.blending). A block task stages its file
 while its chunks are written (on a local disk under a temporary name; for an object store as the
 bytes of one PUT) and makes it visible last, after every chunk of its region is written, and
 atomically (a rename, or one PUT of the whole object, which stores see whole or not at all), so a
