@@ -23,6 +23,7 @@ from .errors import InputError, OptionError, OutputError
 from .geometry import Box, Shape, ceil_div, shape_option
 from .ome import dataset_voxel_sizes, read_ome_attrs, zarr_format_for
 from .storage import describe_failure, exists, filesystem, is_url, parent, remedy, zarr_store
+from .zarr_chunks import local_chunks
 
 __all__ = [
     "ArraySpec",
@@ -200,7 +201,14 @@ def region_reader(path: str) -> Callable[[Box], np.ndarray]:
 
 
 def write_region(path: str, box: Box, data: np.ndarray) -> None:
-    """Write ``data`` into ``box`` (whole write units only; see module docstring)."""
+    """Write ``data`` into ``box`` (whole write units only; see module docstring). A local array
+    laid out as tileseg lays out its own is written chunk by chunk directly, the same bytes as zarr
+    writes in under half the time (:mod:`tilesegment.zarr_chunks`); any other through zarr."""
+    if not is_url(path):
+        writer = local_chunks(path, lambda: open_array(path, mode="r+"))
+        if writer is not None and writer.covers(box, data):
+            writer.write(box, data)
+            return
     array = open_array(path, mode="r+")
     array[(Ellipsis, *box.slices())] = data
 

@@ -1,0 +1,97 @@
+"""The direct chunk writer against zarr's own write path: the same files, byte for byte."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import zarr
+
+from tilesegment.geometry import Box
+from tilesegment.zarr_chunks import local_chunks
+from tilesegment.zarr_io import PROBABILITY_COMPRESSION, create_array, create_group, open_array, output_spec, write_region
+
+
+def stored_files(folder: str) -> dict[str, bytes]:
+    """Every chunk file below an array's folder (metadata left out), by its key."""
+    found = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            if name in (".zarray", ".zattrs", "zarr.json"):
+                continue
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, folder)] = f.read()
+    return found
+
+
+def volume(dtype: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    data = (rng.random(shape) * 3).astype(dtype) if np.dtype(dtype).kind == "f" else rng.integers(0, 3, shape).astype(dtype)
+    data[..., :16, :16, :16] = 0  # a chunk of zeros: stored as no file
+    if np.dtype(dtype).kind == "f":
+        data[..., 16:32, :16, :16] = -0.0  # not the fill value bit for bit: stored, as zarr does
+    return data
+
+
+@pytest.mark.parametrize("ngff", ["0.4", "0.5"])
+@pytest.mark.parametrize("dtype, channels", [("uint8", None), ("uint16", None), ("float16", 2), ("float32", 2), ("uint8", 3)])
+def test_direct_writes_are_zarrs_bytes(tmp_path, ngff, dtype, channels):
+    shape = (40, 33, 50)  # clipped chunks at every far end
+    spec = output_spec(ngff, 16, None)
+    compression = PROBABILITY_COMPRESSION[dtype] if channels else None
+    arrays = []
+    for name in ("direct", "zarr"):
+        group = create_group(str(tmp_path / f"{name}.zarr"), ngff)
+        kwargs = {"compression": compression} if compression else {}
+        create_array(group, "0", shape, dtype, spec, channels=channels, **kwargs)
+        arrays.append(str(tmp_path / f"{name}.zarr" / "0"))
+    full = (channels,) * (channels is not None) + shape
+    data = volume(dtype, full, seed=len(dtype))
+    assert local_chunks(arrays[0], lambda: open_array(arrays[0], "r+")) is not None  # the direct path is taken
+    for box in (Box((0, 0, 0), (32, 33, 32)), Box((32, 0, 0), (40, 33, 50)), Box((0, 0, 32), (32, 33, 50))):
+        part = data[(Ellipsis, *box.slices())]
+        write_region(arrays[0], box, part)
+        zarr.open_array(arrays[1], mode="r+")[(Ellipsis, *box.slices())] = part
+    direct, reference = stored_files(arrays[0]), stored_files(arrays[1])
+    assert direct.keys() == reference.keys() and direct == reference
+    assert not any(name.endswith(".partial") for name in direct)
+    np.testing.assert_array_equal(open_array(arrays[0])[...], data)
+    metadata = zarr.open_array(arrays[0]).metadata
+    for c in range(channels or 1):
+        lead = (c,) if channels else ()
+        assert metadata.encode_chunk_key((*lead, 0, 0, 0)).replace("/", os.sep) not in direct  # all zeros: no file
+        assert metadata.encode_chunk_key((*lead, 1, 0, 0)).replace("/", os.sep) in direct  # -0.0 or data: a file
+
+
+def test_a_chunk_written_empty_leaves_no_file_and_reads_as_zeros(tmp_path):
+    group = create_group(str(tmp_path / "o.zarr"), "0.4")
+    create_array(group, "0", (32, 32, 32), "uint8", output_spec("0.4", 16, None))
+    path = str(tmp_path / "o.zarr" / "0")
+    box = Box((0, 0, 0), (16, 16, 16))
+    write_region(path, box, np.ones(box.shape, np.uint8))
+    assert os.path.exists(os.path.join(path, "0", "0", "0"))
+    write_region(path, box, np.zeros(box.shape, np.uint8))
+    assert not os.path.exists(os.path.join(path, "0", "0", "0"))
+    assert not open_array(path)[...].any()
+
+
+def test_an_array_made_again_at_the_same_path_is_looked_at_afresh(tmp_path):
+    path = str(tmp_path / "o.zarr" / "0")
+    for dtype in ("uint8", "float32"):
+        group = create_group(str(tmp_path / "o.zarr"), "0.4", overwrite=True)
+        create_array(group, "0", (16, 16, 16), dtype, output_spec("0.4", 16, None))
+        data = np.full((16, 16, 16), 2.5, dtype)
+        write_region(path, Box((0, 0, 0), (16, 16, 16)), data)
+        np.testing.assert_array_equal(open_array(path)[...], data)
+
+
+def test_sharded_arrays_are_left_to_zarr(tmp_path):
+    group = create_group(str(tmp_path / "s.zarr"), "0.5")
+    create_array(group, "0", (32, 32, 32), "uint8", output_spec("0.5", 8, 16))
+    path = str(tmp_path / "s.zarr" / "0")
+    assert local_chunks(path, lambda: open_array(path, "r+")) is None
+    data = np.arange(16**3, dtype=np.uint8).reshape((16,) * 3)
+    write_region(path, Box((0, 0, 0), (16, 16, 16)), data)
+    np.testing.assert_array_equal(open_array(path)[:16, :16, :16], data)
