@@ -95,3 +95,32 @@ def test_sharded_arrays_are_left_to_zarr(tmp_path):
     data = np.arange(16**3, dtype=np.uint8).reshape((16,) * 3)
     write_region(path, Box((0, 0, 0), (16, 16, 16)), data)
     np.testing.assert_array_equal(open_array(path)[:16, :16, :16], data)
+
+
+@pytest.mark.parametrize("ngff", ["0.4", "0.5"])
+@pytest.mark.parametrize("dtype, channels", [("uint8", None), ("float16", 2), ("float32", None)])
+def test_direct_reads_equal_zarrs_over_random_boxes(tmp_path, ngff, dtype, channels):
+    """Boxes anywhere (across chunks, clipped chunks, never-written chunks, all-zero chunks)."""
+    from tilesegment.zarr_io import read_region, region_reader
+
+    shape = (40, 33, 50)
+    group = create_group(str(tmp_path / "r.zarr"), ngff)
+    create_array(group, "0", shape, dtype, output_spec(ngff, 16, None), channels=channels)
+    path = str(tmp_path / "r.zarr" / "0")
+    full = (channels,) * (channels is not None) + shape
+    data = volume(dtype, full, seed=3)
+    data[..., 32:, :, :] = 0
+    write_region(path, Box((0, 0, 0), (32, 33, 50)), data[..., :32, :, :])  # z 32-40 never written: read as 0
+    reference = zarr.open_array(path, mode="r")
+    assert local_chunks(path, lambda: open_array(path)) is not None
+    rng = np.random.default_rng(0)
+    read = region_reader(path)
+    for _ in range(25):
+        start = tuple(int(rng.integers(0, n)) for n in shape)
+        stop = tuple(int(rng.integers(a + 1, n + 1)) for a, n in zip(start, shape))
+        box = Box(start, stop)
+        expected = reference[(Ellipsis, *box.slices())]
+        got = read(box)
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        np.testing.assert_array_equal(got, expected)
+        np.testing.assert_array_equal(read_region(path, box), expected)

@@ -1,4 +1,4 @@
-"""Whole chunks of a local Zarr array written directly, for the arrays tileseg creates itself.
+"""Chunks of a local Zarr array written and read directly, for arrays laid out as tileseg lays out its own.
 
 zarr's write path takes every chunk through its one event-loop thread (a merge into a fresh chunk
 buffer, an emptiness check, an encode and a store write, each a task handed between threads): about
@@ -9,7 +9,9 @@ would (a temporary name, then renamed over the key; an all-zero chunk stored as 
 encoding on a few threads: 27 chunks of 64³ uint8 labels took 15-17 ms against 41-47 ms through
 ``array[...] = data`` (benchmarks/RESULTS.md). The tests check the files byte for byte against
 zarr's own for Zarr v2 and v3 and every dtype tileseg writes. Anything else (sharded arrays, object
-stores, other codecs) is written by zarr (:func:`tilesegment.zarr_io.write_region`).
+stores, other codecs) is written by zarr (:func:`tilesegment.zarr_io.write_region`). Reads of
+such arrays (the pyramid's reads of lower blocks' units, a ``tileseg convert`` output as input)
+decode the chunk files the same way instead of through zarr's reader (:func:`tilesegment.zarr_io.read_region`).
 """
 
 from __future__ import annotations
@@ -70,6 +72,43 @@ class LocalChunks:
         for failure in failures:
             if failure is not None:
                 raise failure
+
+    def holds(self, box: Box) -> bool:
+        """Whether ``box`` lies inside the array (spatially), so that :meth:`read` can read it."""
+        return all(0 <= a < b <= n for a, b, n in zip(box.start, box.stop, self.shape[-3:]))
+
+    def read(self, box: Box) -> np.ndarray:
+        """The spatial ``box`` (inside the array), every channel included: each chunk it touches
+        decoded once, on the encoding threads where there are several."""
+        lead = len(self.shape) - 3
+        out = np.empty((*self.shape[:lead], *box.shape), self.dtype)
+        spatial = self.chunks[lead:]
+        ranges = [range(n) for n in self.shape[:lead]]
+        ranges += [range(a // c, (b - 1) // c + 1) for a, b, c in zip(box.start, box.stop, spatial)]
+        keys = list(itertools.product(*ranges))
+        if len(keys) == 1:
+            self._read_chunk(keys[0], box, out)
+            return out
+        failures = [job.exception() for job in [_ENCODERS.submit(self._read_chunk, key, box, out) for key in keys]]
+        for failure in failures:
+            if failure is not None:
+                raise failure
+        return out
+
+    def _read_chunk(self, key: tuple[int, ...], box: Box, out: np.ndarray) -> None:
+        lead = len(self.shape) - 3
+        start = [k * c for k, c in zip(key[lead:], self.chunks[lead:])]
+        lo = [max(s, a) for s, a in zip(start, box.start)]
+        hi = [min(s + c, b) for s, c, b in zip(start, self.chunks[lead:], box.stop)]
+        dst = (*key[:lead], *(slice(l - a, h - a) for l, h, a in zip(lo, hi, box.start)))
+        try:
+            with open(os.path.join(self.folder, self.chunk_key(key)), "rb") as f:
+                stored = f.read()
+        except FileNotFoundError:  # never written, or all zeros: the fill value
+            out[dst] = 0
+            return
+        chunk = np.frombuffer(self.codec.decode(stored), self.dtype).reshape(self.chunks[lead:])
+        out[dst] = chunk[tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, start))]
 
     def _write_chunk(self, key: tuple[int, ...], part: np.ndarray) -> None:
         if part.shape == self.chunks and part.dtype == self.dtype:

@@ -195,9 +195,21 @@ def read_region(path: str, box: Box) -> np.ndarray:
 
 
 def region_reader(path: str) -> Callable[[Box], np.ndarray]:
-    """:func:`read_region` for many boxes of one array, opened once (about 1 ms an opening)."""
-    array = open_array(path)
-    return lambda box: np.asarray(array[(Ellipsis, *box.slices())])
+    """:func:`read_region` for many boxes of one array, opened once (about 1 ms an opening). A
+    local array laid out as tileseg lays out its own is read chunk file by chunk file
+    (:mod:`tilesegment.zarr_chunks`), the rest through zarr."""
+    chunks = None if is_url(path) else local_chunks(path, lambda: open_array(path))
+    array = None
+
+    def read(box: Box) -> np.ndarray:
+        nonlocal array
+        if chunks is not None and chunks.holds(box):
+            return chunks.read(box)
+        if array is None:
+            array = open_array(path)
+        return np.asarray(array[(Ellipsis, *box.slices())])
+
+    return read
 
 
 def write_region(path: str, box: Box, data: np.ndarray) -> None:
