@@ -124,3 +124,24 @@ def test_direct_reads_equal_zarrs_over_random_boxes(tmp_path, ngff, dtype, chann
         assert got.dtype == expected.dtype and got.shape == expected.shape
         np.testing.assert_array_equal(got, expected)
         np.testing.assert_array_equal(read_region(path, box), expected)
+
+
+def test_a_failing_chunk_fails_the_write_after_every_other_chunk_has_finished(tmp_path, monkeypatch):
+    import tilesegment.zarr_chunks as zc
+
+    group = create_group(str(tmp_path / "f.zarr"), "0.4")
+    create_array(group, "0", (32, 32, 32), "uint8", output_spec("0.4", 16, None))
+    path = str(tmp_path / "f.zarr" / "0")
+    writer = local_chunks(path, lambda: open_array(path, "r+"))
+    write_chunk = zc.LocalChunks._write_chunk
+
+    def failing(self, key, part):
+        if key == (0, 0, 0):
+            raise OSError("injected: disk full")
+        write_chunk(self, key, part)
+
+    monkeypatch.setattr(zc.LocalChunks, "_write_chunk", failing)
+    with pytest.raises(OSError, match="injected"):
+        writer.write(Box((0, 0, 0), (32, 32, 32)), np.ones((32, 32, 32), np.uint8))
+    files = stored_files(path)
+    assert len(files) == 7 and not any(name.endswith(".partial") for name in files)  # the other 7 chunks, whole

@@ -16,6 +16,8 @@ Only what cannot be derived is accumulated:
 
 Windows are strictly positive (the gaussian's smallest value, in a tile's corner, is about 4e-11 of
 its centre, far above float32's smallest normal number), so every covered voxel has a defined result.
+They have no floor, as nnU-Net's gaussian has none: a floor such as MONAI's (every weight below
+1e-3 of the centre raised to 1e-3) would make the window, and so ``Σ w``, non-separable.
 """
 
 from __future__ import annotations

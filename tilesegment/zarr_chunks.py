@@ -21,7 +21,7 @@ import os
 import sys
 import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -41,7 +41,7 @@ _BLOSC_TYPESIZE = tuple(int(part) for part in numcodecs.__version__.split(".")[:
 
 @dataclass(frozen=True)
 class LocalChunks:
-    """How to write whole chunks of one local array: its folder, layout and compressor."""
+    """How to write and read the chunks of one local array: its folder, layout and compressor."""
 
     folder: str
     shape: tuple[int, ...]
@@ -68,10 +68,7 @@ class LocalChunks:
             key = tuple(o // c for o, c in zip(origin, self.chunks))
             local = (*origin[:lead], *(o - s for o, s in zip(origin[lead:], box.start)))
             jobs.append(_ENCODERS.submit(self._write_chunk, key, data[tuple(slice(o, o + c) for o, c in zip(local, self.chunks))]))
-        failures = [job.exception() for job in jobs]  # every chunk finished, written or not, before this returns
-        for failure in failures:
-            if failure is not None:
-                raise failure
+        _finish(jobs)
 
     def holds(self, box: Box) -> bool:
         """Whether ``box`` lies inside the array (spatially), so that :meth:`read` can read it."""
@@ -89,10 +86,7 @@ class LocalChunks:
         if len(keys) == 1:
             self._read_chunk(keys[0], box, out)
             return out
-        failures = [job.exception() for job in [_ENCODERS.submit(self._read_chunk, key, box, out) for key in keys]]
-        for failure in failures:
-            if failure is not None:
-                raise failure
+        _finish([_ENCODERS.submit(self._read_chunk, key, box, out) for key in keys])
         return out
 
     def _read_chunk(self, key: tuple[int, ...], box: Box, out: np.ndarray) -> None:
@@ -136,6 +130,14 @@ class LocalChunks:
             except FileNotFoundError:
                 pass
             raise
+
+
+def _finish(jobs: list[Future[None]]) -> None:
+    """Wait for every chunk's job (none still runs once this returns), then raise the first failure."""
+    failures = [job.exception() for job in jobs]
+    for failure in failures:
+        if failure is not None:
+            raise failure
 
 
 def _codec(metadata: Any) -> Any | None:
