@@ -181,9 +181,10 @@ def normalise(sums: np.ndarray, weights: GridWeights, channels: int) -> np.ndarr
     out = np.empty((channels, *sums.shape[1:]), dtype=np.float32)
     first = channels - len(sums)
     plane = np.empty(weights.yx.shape, np.float32)
-    for i in range(sums.shape[1]):
+    for i in range(sums.shape[1]):  # plane by plane: no temporary of the block's size
         np.divide(sums[:, i], weights.plane(i, out=plane), out=out[first:, i])
-    if first:
-        np.subtract(np.float32(1.0), out[1:].sum(axis=0, dtype=np.float32), out=out[0])
-        np.maximum(out[0], np.float32(0.0), out=out[0])
+        if first:
+            np.sum(out[1:, i], axis=0, dtype=np.float32, out=out[0, i])
+            np.subtract(np.float32(1.0), out[0, i], out=out[0, i])
+            np.maximum(out[0, i], np.float32(0.0), out=out[0, i])
     return out

@@ -31,10 +31,11 @@ from zarr.codecs import BloscCodec, BytesCodec
 
 from .geometry import Box
 
-__all__ = ["LocalChunks", "local_chunks"]
+__all__ = ["LocalChunks", "local_chunks", "BLOSC_SHUFFLE"]
 
 _ENCODERS = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="tileseg-chunks")
-_SHUFFLE = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE, "bitshuffle": numcodecs.Blosc.BITSHUFFLE}
+#: Blosc's shuffle numbers by name, as zarr v3 names them (numcodecs and zarr v2 take the numbers)
+BLOSC_SHUFFLE = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE, "bitshuffle": numcodecs.Blosc.BITSHUFFLE}
 # numcodecs 0.16 takes Blosc's typesize from the codec's settings; zarr passes it only from then on
 _BLOSC_TYPESIZE = tuple(int(part) for part in numcodecs.__version__.split(".")[:2] if part.isdigit()) >= (0, 16)
 
@@ -152,7 +153,7 @@ def _codec(metadata: Any) -> Any | None:
     if codecs[0].endian is not None and codecs[0].endian.value != sys.byteorder:
         return None
     blosc = codecs[1]
-    config = {"id": "blosc", "cname": blosc.cname.value, "clevel": blosc.clevel, "shuffle": _SHUFFLE[blosc.shuffle.value],
+    config = {"id": "blosc", "cname": blosc.cname.value, "clevel": blosc.clevel, "shuffle": BLOSC_SHUFFLE[blosc.shuffle.value],
               "blocksize": blosc.blocksize}
     if _BLOSC_TYPESIZE:
         config["typesize"] = blosc.typesize

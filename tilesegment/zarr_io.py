@@ -23,7 +23,7 @@ from .errors import InputError, OptionError, OutputError
 from .geometry import Box, Shape, ceil_div, shape_option
 from .ome import dataset_voxel_sizes, read_ome_attrs, zarr_format_for
 from .storage import describe_failure, exists, filesystem, is_url, parent, remedy, zarr_store
-from .zarr_chunks import local_chunks
+from .zarr_chunks import BLOSC_SHUFFLE, local_chunks
 
 __all__ = [
     "ArraySpec",
@@ -81,9 +81,6 @@ def intensity_compression(dtype: Any) -> Compression:
     return Compression(COMPRESSION_LEVEL, "noshuffle") if dtype.itemsize == 1 else Compression(3, "shuffle")
 
 
-_V2_SHUFFLE = {"bitshuffle": numcodecs.Blosc.BITSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE, "noshuffle": numcodecs.Blosc.NOSHUFFLE}
-
-
 @dataclass(frozen=True)
 class ArraySpec:
     """How to lay out one array: its chunk and (Zarr v3 only) shard shapes."""
@@ -111,7 +108,7 @@ def write_unit(spec: ArraySpec) -> Shape:
 
 def _compressor(zarr_format: int, dtype: np.dtype, compression: Compression = DEFAULT_COMPRESSION):
     if zarr_format == 2:
-        return numcodecs.Blosc(cname="zstd", clevel=compression.level, shuffle=_V2_SHUFFLE[compression.shuffle])
+        return numcodecs.Blosc(cname="zstd", clevel=compression.level, shuffle=BLOSC_SHUFFLE[compression.shuffle])
     return BloscCodec(cname="zstd", clevel=compression.level, shuffle=compression.shuffle, typesize=np.dtype(dtype).itemsize)
 
 
