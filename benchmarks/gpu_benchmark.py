@@ -13,10 +13,12 @@ and reports voxels/s of both, their ratio (target: tileseg ≥ 0.85 of the bare 
 network's own time inside tileseg's run (forward hooks) and the GPU's name; and the bare network
 in the other memory order (channels-last weights, which tileseg uses on the CPU), to decide CUDA's. ``--precision bf16`` (or fp16) runs the network in that precision too, only where
 tileseg's ``segment()`` takes a ``precision`` argument (checked with ``inspect.signature``).
-Without a CUDA GPU it says so and exits 0.
+Without a CUDA GPU it says so and exits 0; ``--device cpu`` runs the same steps on the CPU (a check
+of the script itself, before a lent GPU's minutes are spent on it).
 
     python benchmarks/gpu_benchmark.py                     # 512³, fp32
     python benchmarks/gpu_benchmark.py --size 768 --precision fp32 bf16
+    python benchmarks/gpu_benchmark.py --device cpu --size 96 --precision fp32 bf16 --out-dir /tmp/gpu-smoke
 
 Writes benchmarks/results/gpu.json and gpu.md (the markdown is printed as well).
 """
@@ -92,7 +94,7 @@ def main() -> int:
 
     import torch
 
-    if not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_benchmark: skipped: PyTorch sees no CUDA GPU here (torch.cuda.is_available() is False: no GPU, a CPU-only "
               f"PyTorch build ({torch.__version__}), or CUDA_VISIBLE_DEVICES hides it). Nothing was measured.")
         return 0
