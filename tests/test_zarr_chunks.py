@@ -35,11 +35,14 @@ def volume(dtype: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     return data
 
 
-@pytest.mark.parametrize("ngff", ["0.4", "0.5"])
+LAYOUTS = [("0.4", None), ("0.5", None), ("0.5", 32)]  # (ngff, shard): Zarr v2, v3, v3 sharded (2×2×2 chunks of 16³)
+
+
+@pytest.mark.parametrize("ngff, shard", LAYOUTS)
 @pytest.mark.parametrize("dtype, channels", [("uint8", None), ("uint16", None), ("float16", 2), ("float32", 2), ("uint8", 3)])
-def test_direct_writes_are_zarrs_bytes(tmp_path, ngff, dtype, channels):
-    shape = (40, 33, 50)  # clipped chunks at every far end
-    spec = output_spec(ngff, 16, None)
+def test_direct_writes_are_zarrs_bytes(tmp_path, ngff, shard, dtype, channels):
+    shape = (40, 33, 50)  # clipped chunks (and shards) at every far end
+    spec = output_spec(ngff, 16, shard)
     compression = PROBABILITY_COMPRESSION[dtype] if channels else None
     arrays = []
     for name in ("direct", "zarr"):
@@ -49,6 +52,8 @@ def test_direct_writes_are_zarrs_bytes(tmp_path, ngff, dtype, channels):
         arrays.append(str(tmp_path / f"{name}.zarr" / "0"))
     full = (channels,) * (channels is not None) + shape
     data = volume(dtype, full, seed=len(dtype))
+    if shard:
+        data[..., 32:, 32:, :] = 0  # a whole shard of zeros: stored as no file
     assert local_chunks(arrays[0], lambda: open_array(arrays[0], "r+")) is not None  # the direct path is taken
     for box in (Box((0, 0, 0), (32, 33, 32)), Box((32, 0, 0), (40, 33, 50)), Box((0, 0, 32), (32, 33, 50))):
         part = data[(Ellipsis, *box.slices())]
@@ -61,8 +66,46 @@ def test_direct_writes_are_zarrs_bytes(tmp_path, ngff, dtype, channels):
     metadata = zarr.open_array(arrays[0]).metadata
     for c in range(channels or 1):
         lead = (c,) if channels else ()
-        assert metadata.encode_chunk_key((*lead, 0, 0, 0)).replace("/", os.sep) not in direct  # all zeros: no file
-        assert metadata.encode_chunk_key((*lead, 1, 0, 0)).replace("/", os.sep) in direct  # -0.0 or data: a file
+        if shard:
+            assert metadata.encode_chunk_key((*lead, 0, 0, 0)).replace("/", os.sep) in direct  # zeros and data: a shard
+            assert metadata.encode_chunk_key((*lead, 1, 1, 0)).replace("/", os.sep) not in direct  # all zeros: no file
+        else:
+            assert metadata.encode_chunk_key((*lead, 0, 0, 0)).replace("/", os.sep) not in direct  # all zeros: no file
+            assert metadata.encode_chunk_key((*lead, 1, 0, 0)).replace("/", os.sep) in direct  # -0.0 or data: a file
+
+
+def test_a_shard_written_again_replaces_its_chunks_and_its_index(tmp_path):
+    """Rewriting a shard with fewer stored chunks (some now zeros) and then all zeros, as a resumed
+    or repeated block does: zarr reads what was written at each step; the last leaves no file."""
+    group = create_group(str(tmp_path / "s.zarr"), "0.5")
+    create_array(group, "0", (32, 32, 32), "uint8", output_spec("0.5", 8, 16))
+    path = str(tmp_path / "s.zarr" / "0")
+    box = Box((0, 0, 0), (16, 16, 16))
+    data = np.arange(16**3, dtype=np.uint32).reshape((16,) * 3).astype(np.uint8)
+    write_region(path, box, data)
+    data[:8] = 0  # 4 of the shard's 8 chunks now empty
+    write_region(path, box, data)
+    np.testing.assert_array_equal(zarr.open_array(path, mode="r")[:16, :16, :16], data)
+    shard_file = os.path.join(path, "c", "0", "0", "0")
+    assert os.path.getsize(shard_file) < 16**3  # compressed chunks and an index of 8 entries
+    write_region(path, box, np.zeros_like(data))
+    assert not os.path.exists(shard_file)
+    assert not zarr.open_array(path, mode="r")[...].any()
+
+
+def test_a_damaged_shard_index_is_refused_on_reading(tmp_path):
+    from tilesegment.zarr_io import read_region
+
+    group = create_group(str(tmp_path / "s.zarr"), "0.5")
+    create_array(group, "0", (16, 16, 16), "uint8", output_spec("0.5", 8, 16))
+    path = str(tmp_path / "s.zarr" / "0")
+    write_region(path, Box((0, 0, 0), (16, 16, 16)), np.ones((16, 16, 16), np.uint8))
+    shard_file = os.path.join(path, "c", "0", "0", "0")
+    with open(shard_file, "r+b") as f:
+        f.seek(-10, os.SEEK_END)  # inside the index: an offset changed
+        f.write(b"\x07")
+    with pytest.raises(OSError, match="index is damaged"):
+        read_region(path, Box((0, 0, 0), (8, 8, 8)))
 
 
 def test_a_chunk_written_empty_leaves_no_file_and_reads_as_zeros(tmp_path):
@@ -87,25 +130,15 @@ def test_an_array_made_again_at_the_same_path_is_looked_at_afresh(tmp_path):
         np.testing.assert_array_equal(open_array(path)[...], data)
 
 
-def test_sharded_arrays_are_left_to_zarr(tmp_path):
-    group = create_group(str(tmp_path / "s.zarr"), "0.5")
-    create_array(group, "0", (32, 32, 32), "uint8", output_spec("0.5", 8, 16))
-    path = str(tmp_path / "s.zarr" / "0")
-    assert local_chunks(path, lambda: open_array(path, "r+")) is None
-    data = np.arange(16**3, dtype=np.uint8).reshape((16,) * 3)
-    write_region(path, Box((0, 0, 0), (16, 16, 16)), data)
-    np.testing.assert_array_equal(open_array(path)[:16, :16, :16], data)
-
-
-@pytest.mark.parametrize("ngff", ["0.4", "0.5"])
+@pytest.mark.parametrize("ngff, shard", LAYOUTS)
 @pytest.mark.parametrize("dtype, channels", [("uint8", None), ("float16", 2), ("float32", None)])
-def test_direct_reads_equal_zarrs_over_random_boxes(tmp_path, ngff, dtype, channels):
+def test_direct_reads_equal_zarrs_over_random_boxes(tmp_path, ngff, shard, dtype, channels):
     """Boxes anywhere (across chunks, clipped chunks, never-written chunks, all-zero chunks)."""
     from tilesegment.zarr_io import read_region, region_reader
 
     shape = (40, 33, 50)
     group = create_group(str(tmp_path / "r.zarr"), ngff)
-    create_array(group, "0", shape, dtype, output_spec(ngff, 16, None), channels=channels)
+    create_array(group, "0", shape, dtype, output_spec(ngff, 16, shard), channels=channels)
     path = str(tmp_path / "r.zarr" / "0")
     full = (channels,) * (channels is not None) + shape
     data = volume(dtype, full, seed=3)
@@ -145,3 +178,25 @@ def test_a_failing_chunk_fails_the_write_after_every_other_chunk_has_finished(tm
         writer.write(Box((0, 0, 0), (32, 32, 32)), np.ones((32, 32, 32), np.uint8))
     files = stored_files(path)
     assert len(files) == 7 and not any(name.endswith(".partial") for name in files)  # the other 7 chunks, whole
+
+
+def test_a_failing_chunk_of_a_shard_leaves_the_shards_as_they_were(tmp_path, monkeypatch):
+    import tilesegment.zarr_chunks as zc
+
+    group = create_group(str(tmp_path / "f.zarr"), "0.5")
+    create_array(group, "0", (32, 32, 32), "uint8", output_spec("0.5", 8, 16))
+    path = str(tmp_path / "f.zarr" / "0")
+    writer = local_chunks(path, lambda: open_array(path, "r+"))
+    encoded = zc.LocalChunks._encoded
+    calls = []
+
+    def failing(self, part):
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError("injected: out of memory")
+        return encoded(self, part)
+
+    monkeypatch.setattr(zc.LocalChunks, "_encoded", failing)
+    with pytest.raises(OSError, match="injected"):
+        writer.write(Box((0, 0, 0), (32, 32, 32)), np.ones((32, 32, 32), np.uint8))
+    assert len(calls) == 64 and stored_files(path) == {}  # every chunk encoded, no shard written
