@@ -42,20 +42,27 @@ def level_shapes(shape: Shape, levels: int) -> list[Shape]:
 def downsample(data: np.ndarray, method: str) -> np.ndarray:
     """2× downsample the last three axes; 'mean' averages the 2×2×2 group (partial at odd edges,
     by repeating the edge). The 8 values are summed pairwise in float64, one axis at a time (exact
-    for these dtypes, and 4× faster than a mean over a 6-axis view of a float64 copy)."""
+    for these dtypes, and 4× faster than a mean over a 6-axis view of a float64 copy), one output
+    plane at a time: the float64 sums of two input planes stay in the cache instead of making a
+    float64 array half the input's size (a 64 MiB region: 33-39 ms → 13-16 ms, the same bits)."""
     if method == "nearest":
         return np.ascontiguousarray(data[..., ::2, ::2, ::2])
     lead = data.shape[:-3]
     out_shape = tuple(ceil_div(n, 2) for n in data.shape[-3:])
     pad = [(0, 0)] * len(lead) + [(0, 2 * o - n) for o, n in zip(out_shape, data.shape[-3:])]
     values = np.pad(data, pad, mode="edge") if any(after for _, after in pad) else data
-    sums = np.add(values[..., 0::2, :, :], values[..., 1::2, :, :], dtype=np.float64)
-    sums = sums[..., :, 0::2, :] + sums[..., :, 1::2, :]
-    sums = sums[..., 0::2] + sums[..., 1::2]
-    sums *= 0.125
-    if np.issubdtype(data.dtype, np.integer):
-        np.rint(sums, out=sums)
-    return sums.astype(data.dtype)
+    out = np.empty((*lead, *out_shape), data.dtype)
+    integer = np.issubdtype(data.dtype, np.integer)
+    pair = np.empty((*lead, *values.shape[-2:]), np.float64)
+    for z in range(out_shape[0]):
+        np.add(values[..., 2 * z, :, :], values[..., 2 * z + 1, :, :], dtype=np.float64, out=pair)
+        sums = pair[..., 0::2, :] + pair[..., 1::2, :]
+        sums = sums[..., 0::2] + sums[..., 1::2]
+        sums *= 0.125
+        if integer:
+            np.rint(sums, out=sums)
+        out[..., z, :, :] = sums
+    return out
 
 
 def level_regions(shape: Shape, unit: Shape, target: int = 128) -> list[Box]:
