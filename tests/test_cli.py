@@ -69,6 +69,8 @@ def test_bad_input_gets_one_line_and_an_exit_code(tmp_path, small_mrc):
     assert_one_line_error(tileseg("run", str(tmp_path / "notes.txt"), out), 3, "not an MRC file")
     assert_one_line_error(tileseg("run", small_mrc, out, "--tile", "18"), 2, "--tile 20")
     assert_one_line_error(tileseg("run", small_mrc, out, "--overlap", "1.5"), 2, "overlap")
+    assert_one_line_error(tileseg("run", small_mrc, out, "--ngff", "0.5", "--shard", "100"), 2,
+                          "--shard 100 is not a multiple of --chunk 64", "--shard 128")
     assert_one_line_error(tileseg("run", small_mrc, out, "--model", str(tmp_path / "missing.safetensors")), 4, "does not exist")
     assert_one_line_error(tileseg("run", small_mrc, out, "--scheduler", "tcp://127.0.0.1:9"), 6, "--scheduler")
     far = write_mrc(tmp_path / "far.mrc", random_volume((24, 24, 24)), voxel=4.0)

@@ -97,8 +97,15 @@ def output_spec(ngff: str, chunk: int | Sequence[int], shard: int | Sequence[int
         raise OptionError("--shard needs Zarr v3.", "Add --ngff 0.5, or leave out --shard.")
     spec = ArraySpec(shape_option(chunk, "--chunk"), shape_option(shard, "--shard") if shard is not None else None)
     if spec.shard is not None and any(s % c for s, c in zip(spec.shard, spec.chunk)):
-        raise OptionError(f"--shard {spec.shard} is not a multiple of --chunk {spec.chunk}.", "Make each shard a whole number of chunks.")
+        fixed = tuple(max(c, round(s / c) * c) for s, c in zip(spec.shard, spec.chunk))
+        raise OptionError(f"--shard {_option_text(spec.shard)} is not a multiple of --chunk {_option_text(spec.chunk)}.",
+                          f"Make each shard a whole number of chunks, e.g. --shard {_option_text(fixed)}.")
     return spec
+
+
+def _option_text(shape: Sequence[int]) -> str:
+    """A shape as the option takes it: ``64`` for a cube, else ``32,64,64``."""
+    return str(shape[0]) if len(set(shape)) == 1 else ",".join(map(str, shape))
 
 
 def write_unit(spec: ArraySpec) -> Shape:
