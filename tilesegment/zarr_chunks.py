@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import numcodecs
 import numpy as np
+from google_crc32c import value as _crc32c  # the checksum zarr's crc32c codec computes
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 
 from .geometry import Box, ceil_div
@@ -40,13 +41,6 @@ try:  # zarr's order of a shard's chunks, so that a shard is zarr's bytes (any o
     from zarr.core.indexing import morton_order_iter
 except ImportError:  # pragma: no cover - another zarr: its shards are written by zarr
     morton_order_iter = None
-try:  # the checksum zarr's crc32c codec computes (google-crc32c, a dependency of zarr 3.1)
-    from google_crc32c import value as _crc32c
-except ImportError:  # pragma: no cover
-    try:
-        from crc32c import crc32c as _crc32c  # zarr 3.0's
-    except ImportError:
-        _crc32c = None
 
 __all__ = ["LocalChunks", "local_chunks", "BLOSC_SHUFFLE"]
 
@@ -292,7 +286,7 @@ def _codec(metadata: Any) -> tuple[Any, Any] | None:
     if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
         sharding = codecs[0]
         index = sharding.index_codecs
-        if (morton_order_iter is None or _crc32c is None or sharding.index_location.value != "end" or len(index) != 2
+        if (morton_order_iter is None or sharding.index_location.value != "end" or len(index) != 2
                 or not isinstance(index[0], BytesCodec) or (index[0].endian is not None and index[0].endian.value != "little")
                 or not isinstance(index[1], Crc32cCodec)):
             return None
