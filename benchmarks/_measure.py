@@ -221,11 +221,15 @@ def machine_info() -> dict[str, Any]:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    cpu = ""
+    cpu, flags = "", []
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu, "cores": os.cpu_count(),
+            lines = f.read().splitlines()
+        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+        flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    # the instructions that run bf16/fp16 networks natively on a CPU (benchmarks/precision.py)
+    matrix = sorted(set(flags) & {"avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_tile"})
+    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu, "cpu_matrix_flags": matrix, "cores": os.cpu_count(),
             "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "ram_gib": round(meminfo_bytes("MemTotal") / GIB, 1), "gpu": gpu, "torch": torch.__version__,
             "python": platform.python_version(), "load_average_at_start": [round(v, 2) for v in os.getloadavg()]}

@@ -46,16 +46,6 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def cpu_flags() -> list[str]:
-    """The processor's bf16/fp16 matrix instructions, as Linux lists them (empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return []
-    return sorted(flag for flag in set(flags) if flag in ("avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_tile"))
-
-
 def labels_of(output: str) -> Any:
     import numpy as np
     import zarr
@@ -129,7 +119,7 @@ def summary(result: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 def markdown(r: dict[str, Any]) -> str:
     s, precisions, summ = r["settings"], r["precisions"], r["summary"]
-    flags = ", ".join(r["cpu_flags"]) or "none of avx512_bf16, avx512_fp16, amx_bf16, amx_fp16"
+    flags = ", ".join(r["machine"].get("cpu_matrix_flags", [])) or "none of avx512_bf16, avx512_fp16, amx_bf16, amx_fp16"
     lines = ["# Reduced precision against fp32 (`benchmarks/precision.py`)", "",
              f"- Command: `{r['command']}`",
              f"- Machine: {machine_line(r['machine'])}; the processor's bf16/fp16 instructions: {flags}",
@@ -185,7 +175,7 @@ def main() -> int:
     started = time.perf_counter()
     result: dict[str, Any] = {
         "command": " ".join(["python", os.path.relpath(os.path.abspath(__file__)), *sys.argv[1:]]),
-        "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_info(), "cpu_flags": cpu_flags(),
+        "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_info(),
         "settings": {**SETTINGS, "device": args.device, "size": args.size, "time_size": args.time_size},
         "precisions": precisions, "version": tilesegment.__version__, "source_fingerprint": code_fingerprint(),
     }

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-__all__ = ["Shape", "Box", "as_shape", "shape_option", "ceil_div"]
+__all__ = ["Shape", "Box", "as_shape", "shape_option", "option_text", "ceil_div"]
 
 Shape = tuple[int, int, int]
 
@@ -43,6 +43,11 @@ def shape_option(value: int | Sequence[int], option: str) -> Shape:
     if min(shape) < 1:
         raise OptionError(f"{option} {value!r} is not a size.", fix)
     return shape
+
+
+def option_text(shape: Sequence[int]) -> str:
+    """A shape as an option takes it (the inverse of :func:`shape_option`): ``64`` for a cube, else ``32,64,64``."""
+    return str(shape[0]) if len(set(shape)) == 1 else ",".join(map(str, shape))
 
 
 @dataclass(frozen=True, order=True)

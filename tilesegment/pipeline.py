@@ -24,7 +24,7 @@ from .allocator import keep_freed_memory
 from .blocks import BlockJob
 from .blending import BLEND_MODES
 from .errors import InputError, OptionError
-from .geometry import Shape, shape_option
+from .geometry import Shape, option_text, shape_option
 from .journal import BlockJournal
 from .lock import OutputLock
 from .output import CONTINUE, CREATE, FINISHED, OutputLayout, check_same_run, create_output, decide, finish_output, output_state
@@ -91,9 +91,8 @@ def _check_tile(tile: Shape, multiple: int, architecture: str) -> None:
     bad = [t for t in tile if t % multiple or t < multiple]
     if bad:
         fixed = [max(multiple, -(-t // multiple) * multiple) for t in tile]
-        suggestion = str(fixed[0]) if len(set(fixed)) == 1 else ",".join(map(str, fixed))
-        raise OptionError(f"--tile {','.join(map(str, tile))} does not fit the {architecture} network, which needs multiples of {multiple}.",
-                          f"Use --tile {suggestion}.")
+        raise OptionError(f"--tile {option_text(tile)} does not fit the {architecture} network, which needs multiples of {multiple}.",
+                          f"Use --tile {option_text(fixed)}.")
 
 
 def segment(

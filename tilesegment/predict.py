@@ -68,6 +68,7 @@ class Predictor:
         self._pin = self.device.type == "cuda"
         self._autocast = PRECISIONS[precision]
         self._lock = threading.Lock()
+        self._window: tuple[np.ndarray, torch.Tensor] | None = None  # the last window and its tensor
 
     @property
     def out_channels(self) -> int:
@@ -100,13 +101,23 @@ class Predictor:
         y = self._probabilities(tiles, summed=True)
         if y.shape[1] != acc.shape[0]:
             raise ValueError(f"an accumulator of {acc.shape[0]} channels for a network that sums {y.shape[1]}")
-        w = torch.from_numpy(np.array(weights, dtype=np.float32))  # a copy: the cached window is read-only
-        y.mul_(w)
+        y.mul_(self._window_tensor(weights))
         sums = torch.from_numpy(acc)
         for prediction, where in zip(y, placements):
             if where is not None:
                 dst, src = where
                 sums[(slice(None), *dst)].add_(prediction[(slice(None), *src)])
+
+    def _window_tensor(self, weights: np.ndarray) -> torch.Tensor:
+        """``weights`` as a tensor (a copy: torch wants a writable array), made once per window
+        rather than per batch: a run's blocks share one cached, read-only window. A writable array
+        could change between calls, so it is copied every time."""
+        known = self._window
+        if known is None or known[0] is not weights:
+            known = (weights, torch.from_numpy(np.array(weights, dtype=np.float32)))
+            if not weights.flags.writeable:
+                self._window = known
+        return known[1]
 
     def _probabilities(self, tiles: np.ndarray, summed: bool = False) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32))[:, None]

@@ -76,6 +76,11 @@ class LocalChunks:
         return self.shard or self.chunks
 
     @property
+    def chunks_per_shard(self) -> tuple[int, ...]:
+        """Chunks along each axis of a shard (all 1 for an unsharded array)."""
+        return tuple(u // c for u, c in zip(self.unit, self.chunks))
+
+    @property
     def lead(self) -> int:
         """Leading (channel) axes, chunked one deep."""
         return len(self.shape) - 3
@@ -173,20 +178,19 @@ class LocalChunks:
 
     def _write_shards(self, box: Box, data: np.ndarray) -> None:
         assert self.shard is not None
-        shards = self._keys(box, self.shard)
+        shards, per_shard = self._keys(box, self.shard), self.chunks_per_shard
         encoded: dict[tuple[int, ...], list[Future[bytes | None]]] = {}
         for shard in shards:
             jobs = encoded[shard] = []
             for inner in self.shard_order:
-                key = tuple(s * (u // c) + i for s, i, u, c in zip(shard, inner, self.shard, self.chunks))
+                key = tuple(s * n + i for s, i, n in zip(shard, inner, per_shard))
                 jobs.append(_ENCODERS.submit(self._encoded, self._part(key, self.chunks, box, data)))
         _finish([job for jobs in encoded.values() for job in jobs])
         _finish([_ENCODERS.submit(self._write_shard, shard, [job.result() for job in encoded[shard]]) for shard in shards])
 
     def _write_shard(self, shard: tuple[int, ...], chunks: list[bytes | None]) -> None:
         """Store a shard of ``chunks`` (encoded, in :attr:`shard_order`) with its index, as zarr does."""
-        assert self.shard is not None
-        index = np.full((*(u // c for u, c in zip(self.shard, self.chunks)), 2), EMPTY, "<u8")
+        index = np.full((*self.chunks_per_shard, 2), EMPTY, "<u8")
         offset, stored = 0, []
         for inner, chunk in zip(self.shard_order, chunks):
             if chunk:
@@ -200,14 +204,14 @@ class LocalChunks:
 
     def _read_shards(self, box: Box, out: np.ndarray) -> None:
         assert self.shard is not None
-        per_shard = tuple(u // c for u, c in zip(self.shard, self.chunks))
+        per_shard, spatial, lead = self.chunks_per_shard, self.shard[self.lead:], self.lead
         files, jobs = [], []
         try:
             for shard in self._keys(box, self.shard):
                 path = os.path.join(self.folder, self.chunk_key(shard))
-                inside = Box(tuple(max(s * u, a) for s, u, a in zip(shard[self.lead:], self.shard[self.lead:], box.start)),
-                             tuple(min((s + 1) * u, b) for s, u, b in zip(shard[self.lead:], self.shard[self.lead:], box.stop)))
-                keys = [key for key in self._keys(inside, self.chunks) if key[:self.lead] == shard[:self.lead]]
+                inside = box.intersect(Box(tuple(s * u for s, u in zip(shard[lead:], spatial)),
+                                           tuple((s + 1) * u for s, u in zip(shard[lead:], spatial))))
+                keys = [key for key in self._keys(inside, self.chunks) if key[:lead] == shard[:lead]]
                 try:
                     fd = os.open(path, os.O_RDONLY)
                 except FileNotFoundError:  # never written, or all zeros

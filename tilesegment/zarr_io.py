@@ -20,7 +20,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from .errors import InputError, OptionError, OutputError
-from .geometry import Box, Shape, ceil_div, shape_option
+from .geometry import Box, Shape, ceil_div, option_text, shape_option
 from .ome import dataset_voxel_sizes, read_ome_attrs, zarr_format_for
 from .storage import describe_failure, exists, filesystem, is_url, parent, remedy, zarr_store
 from .zarr_chunks import BLOSC_SHUFFLE, local_chunks
@@ -98,14 +98,9 @@ def output_spec(ngff: str, chunk: int | Sequence[int], shard: int | Sequence[int
     spec = ArraySpec(shape_option(chunk, "--chunk"), shape_option(shard, "--shard") if shard is not None else None)
     if spec.shard is not None and any(s % c for s, c in zip(spec.shard, spec.chunk)):
         fixed = tuple(max(c, round(s / c) * c) for s, c in zip(spec.shard, spec.chunk))
-        raise OptionError(f"--shard {_option_text(spec.shard)} is not a multiple of --chunk {_option_text(spec.chunk)}.",
-                          f"Make each shard a whole number of chunks, e.g. --shard {_option_text(fixed)}.")
+        raise OptionError(f"--shard {option_text(spec.shard)} is not a multiple of --chunk {option_text(spec.chunk)}.",
+                          f"Make each shard a whole number of chunks, e.g. --shard {option_text(fixed)}.")
     return spec
-
-
-def _option_text(shape: Sequence[int]) -> str:
-    """A shape as the option takes it: ``64`` for a cube, else ``32,64,64``."""
-    return str(shape[0]) if len(set(shape)) == 1 else ",".join(map(str, shape))
 
 
 def write_unit(spec: ArraySpec) -> Shape:
