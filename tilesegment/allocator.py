@@ -13,6 +13,14 @@ gets the setting when it loads the model, which may be after its threads chose t
 process's peak memory grows a little (memory is held at its peak instead of being handed back
 between forwards, and the heap fragments).
 
+Huge pages are not asked for either: numpy advises the kernel to back every array above 4 MB
+with 2 MB pages (``MADV_HUGEPAGE``), and on a virtual machine whose host backs memory lazily a
+fresh huge page cost 2.2-3.2 ms per MiB to fault against 0.5-0.95 ms for small pages (this
+project's VM, benchmarks/RESULTS.md). tileseg's arrays are streamed through once per block, so
+they gain nothing from larger pages, and the advice also sticks to the heap range the array
+occupied, where the network's activations land next. Worker processes get
+``NUMPY_MADVISE_HUGEPAGE=0`` (:data:`PROCESS_ENVIRONMENT`).
+
 Only glibc has ``mallopt``; elsewhere (macOS, musl) this does nothing.
 """
 
@@ -24,7 +32,7 @@ import logging
 import sys
 import threading
 
-__all__ = ["keep_freed_memory", "KEEP_BELOW", "GLIBC_TUNABLES"]
+__all__ = ["keep_freed_memory", "KEEP_BELOW", "GLIBC_TUNABLES", "PROCESS_ENVIRONMENT"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +44,10 @@ KEEP_BELOW = 1 << 30
 #: the single arena always holds): the environment of the worker processes tileseg spawns.
 GLIBC_TUNABLES = f"glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold={KEEP_BELOW}:glibc.malloc.trim_threshold={KEEP_BELOW}"
 
+#: The environment of a worker process tileseg spawns: the settings above, and numpy without
+#: huge-page advice (numpy reads it at import).
+PROCESS_ENVIRONMENT = {"MALLOC_TRIM_THRESHOLD_": KEEP_BELOW, "GLIBC_TUNABLES": GLIBC_TUNABLES, "NUMPY_MADVISE_HUGEPAGE": "0"}
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 _LOCK = threading.Lock()
 _applied: bool | None = None
@@ -46,8 +58,19 @@ def keep_freed_memory() -> bool:
     global _applied
     with _LOCK:
         if _applied is None:
+            _no_numpy_hugepages()
             _applied = _apply()
         return _applied
+
+
+def _no_numpy_hugepages() -> None:
+    """Stop numpy advising huge pages for the arrays it allocates from now on (see module docstring)."""
+    import numpy as np
+
+    multiarray = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray  # numpy 2 / 1.26
+    setter = getattr(multiarray, "_set_madvise_hugepage", None)
+    if setter is not None:
+        setter(False)
 
 
 def _apply() -> bool:

@@ -32,7 +32,7 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from distributed import Client, LocalCluster, as_completed
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from .allocator import GLIBC_TUNABLES, KEEP_BELOW
+from .allocator import PROCESS_ENVIRONMENT
 from .blocks import BlockJob, BlockResult, process_block, set_progress_hook
 from .errors import ClusterError
 from .plan import SpentPieces
@@ -54,10 +54,10 @@ EMBEDDED_CONFIG = {
     "distributed.admin.tick.interval": "1s",
     "distributed.worker.memory.monitor-interval": "1s",
     "distributed.admin.system-monitor.interval": "2s",
-    # worker processes keep freed memory for the next forward (tilesegment.allocator), which
-    # replaces Dask's own setting of the opposite (return it above 64 kB)
-    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": KEEP_BELOW,
-    "distributed.nanny.pre-spawn-environ.GLIBC_TUNABLES": GLIBC_TUNABLES,
+    # worker processes keep freed memory for the next forward and numpy asks for no huge pages
+    # (tilesegment.allocator), which replaces Dask's own setting of the opposite (return freed
+    # memory above 64 kB)
+    **{f"distributed.nanny.pre-spawn-environ.{name}": value for name, value in PROCESS_ENVIRONMENT.items()},
 }
 
 
