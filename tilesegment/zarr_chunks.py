@@ -21,6 +21,7 @@ shard index's checksum.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import sys
@@ -252,10 +253,8 @@ def _shard_index(fd: int, path: str, per_shard: tuple[int, ...]) -> np.ndarray:
 def _store(path: str, encoded: bytes | None) -> None:
     """Write a chunk's or shard's bytes at ``path`` as zarr's LocalStore does; None: remove it."""
     if encoded is None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     partial = f"{path}.{uuid.uuid4().hex}.partial"
@@ -264,10 +263,8 @@ def _store(path: str, encoded: bytes | None) -> None:
             f.write(encoded)
         os.replace(partial, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)
-        except FileNotFoundError:
-            pass
         raise
 
 
