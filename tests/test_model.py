@@ -50,6 +50,27 @@ def test_inference_form_folds_every_batch_norm_and_computes_the_same(architectur
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
+def test_inference_form_runs_a_single_tile_through_onednn():
+    # PyTorch's own heuristic sends one sample with few channels to its slow native kernels
+    torch.manual_seed(1)
+    model = build_model(ModelConfig(channels=(4, 8, 8))).eval()
+    fused = for_inference(copy.deepcopy(model))
+    plain = copy.deepcopy(fused)
+    for module in plain.modules():
+        if isinstance(module, torch.nn.Conv3d):
+            module.__class__ = torch.nn.Conv3d
+    one, two = torch.randn(1, 1, 24, 16, 32), torch.randn(2, 1, 24, 16, 32)
+    with torch.inference_mode():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as trace:
+            got = fused(one)
+        kernels = {event.key for event in trace.key_averages()}
+        assert "aten::mkldnn_convolution" in kernels and "aten::slow_conv3d_forward" not in kernels
+        torch.testing.assert_close(got, model(one), atol=1e-5, rtol=1e-4)
+        assert torch.equal(fused(two), plain(two))  # larger batches: PyTorch's own path, same bits
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # reduced precision keeps autocast's casts
+            assert fused(one).dtype == plain(one).dtype == torch.bfloat16
+
+
 def test_checkpoint_round_trip_gives_the_same_network():
     torch.manual_seed(0)
     config = ModelConfig(channels=(4, 8, 8), voxel_size=13.5, class_names=("bg", "ribosome"))

@@ -45,8 +45,8 @@ def batches(items: Sequence[T], size: int) -> list[Sequence[T]]:
     """``items`` in order, in the fewest batches of at most ``size``, whose sizes differ by at most one.
 
     As many network forwards as plain slicing would make, but no lone leftover: 9 tiles at batch 4
-    go as 3 + 3 + 3, not 4 + 4 + 1. A CPU network takes nearly as long for one tile as for two
-    (``benchmarks/results/inference_form.json``), so a leftover of one costs most of a forward.
+    go as 3 + 3 + 3, not 4 + 4 + 1. On the CPU a tile alone takes about 1.3× as long as a tile in a
+    batch of two or more (0.067 s against 0.051 s for 64³ on 2 cores), so a lone leftover costs more.
     """
     if size < 1:
         raise ValueError(f"batch size must be at least 1, got {size}")
