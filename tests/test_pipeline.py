@@ -100,6 +100,17 @@ def test_result_independent_of_block_and_chunk(tmp_path, client, small_net):
                 np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
+def test_result_independent_of_batch_size(tmp_path, client, small_net):
+    """A batch of one tile (oneDNN on the CPU, model.OneDNNConv3d), uneven batches and whole ones
+    give the same sums to float rounding."""
+    volume = random_volume((36, 40, 28), seed=7)
+    _, reference, reference_labels = run_small(tmp_path, client, small_net, volume, "b4", chunk=8, block=16, batch=4)
+    for batch in (1, 3):
+        _, probs, labs = run_small(tmp_path, client, small_net, volume, f"b{batch}", chunk=8, block=16, batch=batch)
+        np.testing.assert_allclose(probs, reference, atol=2e-5)
+        assert (labs != reference_labels).mean() < 1e-4
+
+
 def test_pyramid_built_by_concurrent_blocks_without_spills(tmp_path, client, identity_model, monkeypatch):
     """With no tile overlap no block takes spill pieces, so only the pyramid orders the blocks: each
     waits for its lower neighbours, whose stored output its coarser units read. Two workers run
