@@ -14,10 +14,14 @@ network's own time inside tileseg's run (forward hooks) and the GPU's name; and 
 in the other memory order (channels-last weights, which tileseg uses on the CPU), to decide CUDA's. ``--precision bf16`` (or fp16) runs the network in that precision too, only where
 tileseg's ``segment()`` takes a ``precision`` argument (checked with ``inspect.signature``).
 Without a CUDA GPU it says so and exits 0; ``--device cpu`` runs the same steps on the CPU (a check
-of the script itself, before a lent GPU's minutes are spent on it).
+of the script itself, before a lent GPU's minutes are spent on it). ``--blocks-in-flight`` runs
+``segment()`` again with other numbers of blocks at once on the GPU worker, for the first precision
+only: tileseg runs 2 (one on the device while the other reads, blends and writes), and whether the
+CPU side of two blocks keeps a fast GPU busy is what this measures.
 
     python benchmarks/gpu_benchmark.py                     # 512³, fp32
     python benchmarks/gpu_benchmark.py --size 768 --precision fp32 bf16
+    python benchmarks/gpu_benchmark.py --blocks-in-flight 2 4 8   # fp32 with 4 and 8 blocks at once too
     python benchmarks/gpu_benchmark.py --device cpu --size 96 --precision fp32 bf16 --out-dir /tmp/gpu-smoke
 
 Writes benchmarks/results/gpu.json and gpu.md (the markdown is printed as well).
@@ -57,23 +61,28 @@ def markdown(r: dict[str, Any]) -> str:
              f"{s['blend']} blending, batch {s['batch']}, device {s['device']}. Every figure is measured in this run.", ""]
     if r.get("precision_note"):
         lines += [r["precision_note"], ""]
-    lines += ["| precision | bare network s | bare voxels/s | tileseg `segment()` s | tileseg voxels/s | tileseg / bare throughput "
-              f"(target ≥ {TARGET}) | met | from cluster up: s, × bare throughput | network time inside the run s, / wall |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| precision | blocks in flight | bare network s | bare voxels/s | tileseg `segment()` s | tileseg voxels/s | tileseg / bare throughput "
+              f"(target ≥ {TARGET}) | met | from cluster up: s, × bare throughput | network time inside the run s, / wall | peak RSS MiB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    default = s.get("blocks_in_flight")
     for row in r["rows"]:
-        lines.append(f"| {row['precision']} | {row['bare_seconds']:.2f} | {row['bare_voxels_per_s']:,.0f} | {row['seconds']:.2f} | "
+        flight = row.get("blocks_in_flight", default)
+        flight = f"{flight} (tileseg's)" if flight == default else str(flight)
+        lines.append(f"| {row['precision']} | {flight} | {row['bare_seconds']:.2f} | {row['bare_voxels_per_s']:,.0f} | {row['seconds']:.2f} | "
                      f"{row['voxels_per_s']:,.0f} | {row['ratio']:.3f} | {'yes' if row['ratio'] >= TARGET else '**no**'} | "
                      f"{row['seconds_after_cluster_up']:.2f}, {row['ratio_after_cluster_up']:.3f} | "
-                     f"{row['network_seconds_inside_run']:.2f}, {row['network_seconds_inside_run'] / row['seconds']:.3f} |")
+                     f"{row['network_seconds_inside_run']:.2f}, {row['network_seconds_inside_run'] / row['seconds']:.3f} | "
+                     f"{max(row['client_peak_rss_mib'], row['worker_peak_rss_mib']):,.0f} |")
     lines.append("")
     lines += ["The bare network in the other memory order (tileseg's CUDA default is the first): " + "; ".join(
         f"{row['precision']}: channels_last={row['bare'].get('channels_last')} {row['bare_seconds']:.2f} s, "
         f"channels_last={row['bare_other_memory_order'].get('channels_last')} {row['bare_other_memory_order']['seconds']:.2f} s"
-        for row in r["rows"] if row.get("bare_other_memory_order")), ""]
+        for row in r["rows"] if row.get("bare_other_memory_order") and row.get("blocks_in_flight", default) == default), ""]
     if r["gpus"] > 1:
         lines += [f"The bare figure is one GPU's, times {r['gpus']} (ideal scaling): tileseg's embedded cluster uses every GPU.", ""]
     lines += ["Phases of each `segment()` run (s): " + "; ".join(
-        f"{row['precision']}: " + ", ".join(f"{k.strip()} {v:.2f}" for k, v in row["phases"].items() if not k.startswith("  "))
+        f"{row['precision']}, {row.get('blocks_in_flight', default)} in flight: "
+        + ", ".join(f"{k.strip()} {v:.2f}" for k, v in row["phases"].items() if not k.startswith("  "))
         for row in r["rows"]), ""]
     return "\n".join(lines)
 
@@ -88,6 +97,9 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--precision", nargs="+", default=["fp32"],
                         help="network precisions to run (fp32, and bf16/fp16 where segment() takes a precision)")
+    parser.add_argument("--blocks-in-flight", type=int, nargs="+", default=None, metavar="N",
+                        help="also run segment() with N blocks at once on the GPU worker (first precision only; tileseg's "
+                             "own choice always runs): how much CPU work beside the GPU keeps it busy")
     parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
@@ -100,7 +112,7 @@ def main() -> int:
         return 0
 
     import tilesegment
-    from tilesegment.executor import embedded_worker_count
+    from tilesegment.executor import blocks_in_flight, embedded_worker_count
     from tilesegment.pipeline import segment
 
     takes_precision = "precision" in inspect.signature(segment).parameters
@@ -114,7 +126,8 @@ def main() -> int:
                 "so tileseg cannot run them.")
         log(note)
     gpus = embedded_worker_count(args.device)
-    settings = {"size": args.size, "tile": 64, "overlap": 0.25, "blend": "gaussian", "batch": args.batch, "device": args.device}
+    settings = {"size": args.size, "tile": 64, "overlap": 0.25, "blend": "gaussian", "batch": args.batch, "device": args.device,
+                "blocks_in_flight": blocks_in_flight(args.device)}
     result: dict[str, Any] = {
         "command": " ".join(["python", os.path.relpath(os.path.abspath(__file__)), *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_info(), "settings": settings, "gpus": gpus,
@@ -126,7 +139,7 @@ def main() -> int:
         volume = os.path.join(workdir, f"v{args.size}.mrc")
         write_noise_mrc(volume, args.size, mode=2, seed=args.size)
         common = {k: settings[k] for k in ("tile", "overlap", "blend", "batch", "device")}
-        for precision in precisions:
+        for order, precision in enumerate(precisions):
             extra = {} if precision == "fp32" and not takes_precision else {"precision": precision}
             log(f"bare network, {precision} ...")
             # the bare limit on one GPU, with the torch threads one of tileseg's GPU workers gets
@@ -138,25 +151,29 @@ def main() -> int:
                                                     "device": "cuda:0" if args.device == "cuda" else args.device,
                                                     "channels_last": not bare.get("channels_last", False)}, workdir)
             log(f"  {other['seconds']:.2f} s with channels_last={other.get('channels_last')}")
-            log(f"segment() {precision} ...")
-            output = os.path.join(workdir, "seg.zarr")
-            counts = tempfile.mkdtemp(prefix="counts-", dir=workdir)  # the network's time inside the run (forward hooks)
-            run, peaks = spawn_child(script, "segment", {**common, **extra, "input": volume, "output": output, "model": None,
-                                                         "read_counts": counts}, workdir, env={READ_COUNTS_ENV: counts})
-            network = sum(c.get("forward_seconds", 0.0) for c in read_counts(counts).values())
-            shutil.rmtree(output, ignore_errors=True)
-            bare_rate = voxels / bare["seconds"] * gpus
-            after = run["seconds"] - run["marks"]["on_start"]
-            row = {"precision": precision, "bare_seconds": bare["seconds"], "bare_voxels_per_s": bare_rate, "bare": bare,
-                   "bare_other_memory_order": other,
-                   "seconds": run["seconds"], "voxels_per_s": voxels / run["seconds"], "seconds_after_cluster_up": after,
-                   "tiles_forwarded": run["tiles_forwarded"], "tile_count": run["tile_count"], "phases": phases_of(run),
-                   "network_seconds_inside_run": network,
-                   "client_peak_rss_mib": peaks["root"], "worker_peak_rss_mib": peaks["child"]}
-            row["ratio"] = row["voxels_per_s"] / bare_rate
-            row["ratio_after_cluster_up"] = voxels / after / bare_rate
-            log(f"  {run['seconds']:.2f} s: {row['ratio']:.3f} of the bare throughput")
-            result["rows"].append(row)
+            variants = [None] + [n for n in (args.blocks_in_flight or []) if order == 0 and n != settings["blocks_in_flight"]]
+            for in_flight in variants:
+                log(f"segment() {precision}" + (f", {in_flight} blocks in flight" if in_flight else "") + " ...")
+                output = os.path.join(workdir, "seg.zarr")
+                counts = tempfile.mkdtemp(prefix="counts-", dir=workdir)  # the network's time inside the run (forward hooks)
+                run, peaks = spawn_child(script, "segment", {**common, **extra, "input": volume, "output": output, "model": None,
+                                                             "read_counts": counts, "blocks_in_flight": in_flight},
+                                         workdir, env={READ_COUNTS_ENV: counts})
+                network = sum(c.get("forward_seconds", 0.0) for c in read_counts(counts).values())
+                shutil.rmtree(output, ignore_errors=True)
+                bare_rate = voxels / bare["seconds"] * gpus
+                after = run["seconds"] - run["marks"]["on_start"]
+                row = {"precision": precision, "blocks_in_flight": in_flight or settings["blocks_in_flight"],
+                       "bare_seconds": bare["seconds"], "bare_voxels_per_s": bare_rate, "bare": bare,
+                       "bare_other_memory_order": other,
+                       "seconds": run["seconds"], "voxels_per_s": voxels / run["seconds"], "seconds_after_cluster_up": after,
+                       "tiles_forwarded": run["tiles_forwarded"], "tile_count": run["tile_count"], "phases": phases_of(run),
+                       "network_seconds_inside_run": network,
+                       "client_peak_rss_mib": peaks["root"], "worker_peak_rss_mib": peaks["child"]}
+                row["ratio"] = row["voxels_per_s"] / bare_rate
+                row["ratio_after_cluster_up"] = voxels / after / bare_rate
+                log(f"  {run['seconds']:.2f} s: {row['ratio']:.3f} of the bare throughput")
+                result["rows"].append(row)
     save_report(args.out_dir, "gpu", result, markdown(result))
     return 0
 

@@ -2,7 +2,8 @@
 # The GPU checks of issue #4 in one command, for a lent GPU machine (see the device tool's README):
 # install the wheels that benchmarks/gpu_wheels.sh fetched into .whl/ (carried along), then
 #   1. tests/test_gpu.py (CUDA matches the CPU; bf16/fp16 agree with fp32),
-#   2. benchmarks/gpu_benchmark.py (bare network in both memory orders vs segment(), voxels/s, fp32 bf16 fp16),
+#   2. benchmarks/gpu_benchmark.py (bare network in both memory orders vs segment(), voxels/s, fp32 bf16 fp16;
+#      fp32 also with 4 and 8 blocks in flight on the GPU worker),
 #   3. benchmarks/precision.py --device cuda (bf16 and fp16 against fp32: IoU on simulated tomograms, speed; last,
 #      as it matters least),
 # writing logs and results to $OUT (or ./gpu-out). Nothing is fetched; it fails fast without CUDA.
@@ -27,7 +28,7 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$OUT/env.log"
 status=0
 timeout "${TEST_SECONDS:-180}" "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log" || status=1
-timeout "${BENCH_SECONDS:-300}" "$PY" benchmarks/gpu_benchmark.py --size "${SIZE:-512}" --precision fp32 bf16 fp16 --out-dir "$OUT" \
+timeout "${BENCH_SECONDS:-300}" "$PY" benchmarks/gpu_benchmark.py --size "${SIZE:-512}" --precision fp32 bf16 fp16 --blocks-in-flight 2 4 8 --out-dir "$OUT" \
     2>&1 | tee "$OUT/gpu_benchmark.log" || status=1
 timeout "${PRECISION_SECONDS:-110}" "$PY" benchmarks/precision.py --device cuda --seeds 2 --rounds 2 --out-dir "$OUT" \
     2>&1 | tee "$OUT/precision.log" || status=1

@@ -159,8 +159,9 @@ def install_model(client: Client, key: str, data: bytes, device: str, threads: i
 
 
 def predict_resources(device: str) -> dict[str, float] | None:
-    """Half a GPU per block task: two blocks per GPU worker, one on the GPU, one reading or writing."""
-    return {"GPU": 0.5} if device.startswith("cuda") else None
+    """A share of a GPU per block task, so that :func:`blocks_in_flight` blocks run on each GPU worker
+    (half a GPU: one block on the device, one reading or writing)."""
+    return {"GPU": 1 / blocks_in_flight(device)} if device.startswith("cuda") else None
 
 
 def block_graph(job: BlockJob, resources: dict[str, float] | None,
