@@ -167,3 +167,25 @@ def test_forward_into_adds_what_numpy_blending_adds():
     with pytest.raises(ValueError, match="accumulator of 2 channels"):
         predictor.forward_into(tiles, new_accumulator(2, acc_box), [placement(acc_box, box) for box in boxes], weights)
     assert not weights.flags.writeable  # the cached window is left as it was
+
+
+def test_forward_into_takes_views_of_a_block_as_its_batch():
+    """Tiles given as views into a block's input are stacked into a batch buffer the predictor's
+    thread reuses: the same sums as the stacked array, batch after batch, smaller batches included."""
+    from tilesegment.blending import new_accumulator, placement, window
+    from tilesegment.geometry import Box
+    from tilesegment.predict import Predictor
+
+    predictor = Predictor(read_checkpoint(None), "cpu")
+    weights = window((32, 32, 32), "gaussian")
+    block = np.random.default_rng(2).standard_normal((56, 48, 64)).astype(np.float32)
+    acc_box = Box.from_shape(block.shape)
+    boxes = [Box((z, y, x), (z + 32, y + 32, x + 32)) for z in (0, 24) for y in (0, 16) for x in (0, 16, 32)]
+    for batch in (boxes[:5], boxes[5:9], boxes[9:]):  # 5, 4 and 3 tiles: the buffer grows once, then is reused
+        views, places = [block[box.slices()] for box in batch], [placement(acc_box, box) for box in batch]
+        got, expected = new_accumulator(1, acc_box), new_accumulator(1, acc_box)
+        predictor.forward_into(views, got, places, weights)
+        predictor.forward_into(np.stack(views), expected, places, weights)
+        np.testing.assert_array_equal(got, expected)
+        assert got.max() > 0
+    np.testing.assert_array_equal(block, np.random.default_rng(2).standard_normal((56, 48, 64)).astype(np.float32))  # input untouched

@@ -101,7 +101,7 @@ def forward_tiles(job: BlockJob, index: Shape, acc: np.ndarray, acc_box: Box) ->
     weights = window(plan.grid.tile, job.blend)
     predictor = get_predictor(job.model_key)
     for batch in batches(tiles, job.batch_size):
-        predictor.forward_into(np.stack([data[tile.slices(input_box)] for tile in batch]), acc,
+        predictor.forward_into([data[tile.slices(input_box)] for tile in batch], acc,
                                [placement(acc_box, tile) for tile in batch], weights)
         if _progress_hook is not None:
             _progress_hook(job.labels_path, len(batch))
