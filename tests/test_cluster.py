@@ -28,7 +28,7 @@ def dask_command(name: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def dask_cluster(tmp_path, workers: int = 2, nanny: bool = True):
+def dask_cluster(tmp_path, workers: int = 2, nanny: bool = True, nthreads: int = 1):
     """A real ``dask scheduler`` and ``workers`` ``dask worker`` processes on 127.0.0.1:
     yields (address, scheduler file, worker processes)."""
     scheduler_file = tmp_path / "scheduler.json"
@@ -40,7 +40,7 @@ def dask_cluster(tmp_path, workers: int = 2, nanny: bool = True):
             time.sleep(0.2)
         address = json.loads(scheduler_file.read_text())["address"]
         for i in range(workers):
-            procs.append(subprocess.Popen([*dask_command("worker"), address, "--nthreads", "1", "--nworkers", "1",
+            procs.append(subprocess.Popen([*dask_command("worker"), address, "--nthreads", str(nthreads), "--nworkers", "1",
                                            *([] if nanny else ["--no-nanny"]),
                                            "--name", f"w{i}", "--local-directory", str(tmp_path / f"w{i}")],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
@@ -100,3 +100,26 @@ def test_embedded_cpu_worker_runs_one_block_at_a_time_with_little_housekeeping()
         # housekeeping no more often than once a second (Dask's defaults: 20 ms, 100 ms, 500 ms)
         intervals = client.run(lambda dask_worker: {k: dask_worker.periodic_callbacks[k].callback_time for k in ("tick", "memory_monitor", "monitor")})
         assert all(ms >= 1000 for ms in next(iter(intervals.values())).values()), intervals
+
+
+@pytest.mark.slow
+def test_a_worker_shares_its_cores_among_its_block_threads(tmp_path):
+    """A worker started with two threads runs two blocks at once (a GPU worker's layout): PyTorch gets
+    half its cores, so the two blocks' work on the CPU starts no more OpenMP threads than cores."""
+    from distributed import Client
+
+    from tilesegment.executor import install_model
+    from tilesegment.model import read_checkpoint
+    from tilesegment.predict import model_key
+
+    data = read_checkpoint(None)
+    with dask_cluster(tmp_path, workers=1, nthreads=2) as (address, _, _), Client(address, timeout="30s") as client:
+        install_model(client, model_key(data, "cpu"), data, "cpu", None)
+
+        def threads() -> tuple[int, int]:
+            import torch
+
+            return torch.get_num_threads(), len(os.sched_getaffinity(0))
+
+        (torch_threads, cores), = client.run(threads).values()
+        assert torch_threads == max(1, cores // 2)

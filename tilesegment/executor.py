@@ -77,7 +77,8 @@ class ModelPlugin(WorkerPlugin):
             import torch
 
             device = f"cuda:{worker.name % max(1, torch.cuda.device_count())}"
-        install_predictor(self.key, self.data, device, self.threads or default_torch_threads(), self.precision)
+        threads = self.threads or max(1, default_torch_threads() // max(1, worker.state.nthreads))
+        install_predictor(self.key, self.data, device, threads, self.precision)
         set_progress_hook(lambda run, tiles: worker.log_event(PROGRESS_TOPIC, (run, tiles)))
 
 
@@ -111,7 +112,9 @@ def connect(scheduler: str | None, workers: int | None = None, device: str = "cp
 
 def default_torch_threads() -> int:
     """CPUs this worker may use. Dask's nanny sets OMP_NUM_THREADS=1 for its workers, which would
-    leave PyTorch on one core; the network is the one thing that should use them all."""
+    leave PyTorch on one core; the network is the one thing that should use them all. A worker that
+    runs several blocks at once (a GPU worker's two threads) shares them out among its threads, so
+    that their blending and stacking on the CPU do not start more OpenMP threads than cores."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:

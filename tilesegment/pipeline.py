@@ -130,8 +130,8 @@ def segment(
     dashboard_link)`` once the cluster is up. Raises :class:`~tilesegment.errors.TilesegError`
     subclasses for bad input.
     """
-    from .executor import (connect, dashboard_link, default_torch_threads, embedded_worker_count, install_model,
-                           predict_resources, run_blocks)
+    from .executor import (blocks_in_flight, connect, dashboard_link, default_torch_threads, embedded_worker_count,
+                           install_model, predict_resources, run_blocks)
     from .model import load_checkpoint, read_checkpoint
     from .predict import check_precision, model_key, resolve_device
 
@@ -203,8 +203,8 @@ def segment(
             probability_levels=tuple(f"{output}/probabilities/{level}" for level in range(1, n_levels)) if probabilities else (),
         )
         embedded = client is None and scheduler is None
-        if embedded and threads is None:  # share this machine's cores among the embedded workers
-            threads = max(1, default_torch_threads() // (workers or embedded_worker_count(device)))
+        if embedded and threads is None:  # share this machine's cores among the embedded workers' block threads
+            threads = max(1, default_torch_threads() // (workers or embedded_worker_count(device)) // blocks_in_flight(device))
         with (connect(scheduler, workers, device) if client is None else contextlib.nullcontext(client)) as active:
             link = dashboard_link(active)
             if on_start:

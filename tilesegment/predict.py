@@ -99,12 +99,12 @@ class Predictor:
 
         The same float32 arithmetic as :func:`tilesegment.blending.accumulate`, so the same sums, done
         by PyTorch on every core instead of numpy on one: 2-3x faster on the CPU, where the cores
-        would otherwise wait for it between forwards.
+        would otherwise wait for it between forwards. The window's multiplication is done where the
+        network ran (on a GPU, so the CPU, which a GPU worker's blocks share, only adds).
         """
-        y = self._probabilities(tiles, summed=True)
-        if y.shape[1] != acc.shape[0]:
-            raise ValueError(f"an accumulator of {acc.shape[0]} channels for a network that sums {y.shape[1]}")
-        y.mul_(self._window_tensor(weights))
+        if acc.shape[0] != len(range(self.out_channels)[self.summed]):
+            raise ValueError(f"an accumulator of {acc.shape[0]} channels for a network that sums {len(range(self.out_channels)[self.summed])}")
+        y = self._probabilities(tiles, summed=True, window=weights)
         sums = torch.from_numpy(acc)
         for prediction, where in zip(y, placements):
             if where is not None:
@@ -112,12 +112,12 @@ class Predictor:
                 sums[(slice(None), *dst)].add_(prediction[(slice(None), *src)])
 
     def _window_tensor(self, weights: np.ndarray) -> torch.Tensor:
-        """``weights`` as a tensor (a copy: torch wants a writable array), made once per window
-        rather than per batch: a run's blocks share one cached, read-only window. A writable array
-        could change between calls, so it is copied every time."""
+        """``weights`` as a tensor on the network's device (a copy: torch wants a writable array),
+        made once per window rather than per batch: a run's blocks share one cached, read-only
+        window. A writable array could change between calls, so it is copied every time."""
         known = self._window
         if known is None or known[0] is not weights:
-            known = (weights, torch.from_numpy(np.array(weights, dtype=np.float32)))
+            known = (weights, torch.from_numpy(np.array(weights, dtype=np.float32)).to(self.device))
             if not weights.flags.writeable:
                 self._window = known
         return known[1]
@@ -140,7 +140,8 @@ class Predictor:
             self._local.batch = buffer
         return torch.stack([torch.from_numpy(np.asarray(tile, dtype=np.float32)) for tile in tiles], out=buffer[:count])
 
-    def _probabilities(self, tiles: np.ndarray | Sequence[np.ndarray], summed: bool = False) -> torch.Tensor:
+    def _probabilities(self, tiles: np.ndarray | Sequence[np.ndarray], summed: bool = False,
+                       window: np.ndarray | None = None) -> torch.Tensor:
         x = self._batch(tiles)[:, None]
         with self._lock:
             with torch.autocast(self.device.type, dtype=self._autocast, enabled=self._autocast is not None):
@@ -148,6 +149,8 @@ class Predictor:
             # in the input's order again (a channels-last network answers channels-last): blending
             # walks the result channel by channel
             y = (_summed_activation(y.float(), self.config) if summed else _activate(y.float(), self.config)).contiguous()
+            if window is not None:
+                y.mul_(self._window_tensor(window))
             return y.cpu()
 
 
