@@ -102,8 +102,9 @@ class Predictor:
         would otherwise wait for it between forwards. The window's multiplication is done where the
         network ran (on a GPU, so the CPU, which a GPU worker's blocks share, only adds).
         """
-        if acc.shape[0] != len(range(self.out_channels)[self.summed]):
-            raise ValueError(f"an accumulator of {acc.shape[0]} channels for a network that sums {len(range(self.out_channels)[self.summed])}")
+        summed = len(range(self.out_channels)[self.summed])
+        if acc.shape[0] != summed:
+            raise ValueError(f"an accumulator of {acc.shape[0]} channels for a network that sums {summed}")
         y = self._probabilities(tiles, summed=True, window=weights)
         sums = torch.from_numpy(acc)
         for prediction, where in zip(y, placements):
