@@ -11,8 +11,9 @@ encoder-decoder), tile 64, overlap 0.25, gaussian blending and batch 4 everywher
 2. the peer: MONAI's `sliding_window_inference` (same tile, overlap, gaussian window: tileseg's, given as
    `roi_weight_map`, since MONAI's own floors weights at 1e-3; same batch, model
    + softmax, threads) on the same volume held in memory: wall time and peak RSS against tileseg's
-   (1 and 2 run in ``--rounds`` rounds of bare network, ``segment()`` and MONAI one after the other;
-   ratios are taken within a round and their median reported, as single runs on a VM vary);
+   (1 and 2 run in ``--rounds`` rounds of bare network, ``segment()`` and MONAI one after the other,
+   every other round in reverse order; ratios are taken within a round and their median reported,
+   as single runs on a VM vary);
 3. scale: wall time and peak RSS of `segment()` at each size, plus one volume larger than MONAI
    could hold in this machine's RAM (an identity network there, said so in the table);
 4. tiles forwarded over the global grid's tile count, and the bytes read from the input, computed
@@ -388,13 +389,14 @@ def markdown(r: dict[str, Any]) -> str:
     add(f"| the network inside that `segment()` run: Σ of its {row['network_forwards']} forwards ({row['network_tiles']} tiles), "
         f"timed by forward hooks | {fmt(row['network_seconds'])} | {fmt(row['network_seconds'] / bare['seconds'], 3)} | | |")
     add("")
-    add(f"Rounds (bare network, `segment()`, MONAI, one after the other; ratios within a round): "
+    add(f"Rounds (bare network, `segment()`, MONAI one after the other, in reverse order in the rounds marked so; ratios within a round): "
         f"**median `segment()` / bare {fmt(lim['ratio_median'], 3)}×**.")
     add("")
     add("| round | bare s | `segment()` s | MONAI s | segment / bare | segment / MONAI | network inside segment s | segment peak RSS MiB | MONAI peak RSS MiB |")
     add("|---|---|---|---|---|---|---|---|---|")
     for i, rd in enumerate(r["rounds"], 1):
-        add(f"| {i} | {fmt(rd['bare_seconds'])} | {fmt(rd['segment_seconds'])} | {fmt(rd['monai_seconds'])} | "
+        reverse = " (reverse)" if rd.get("order", ["bare"])[0] != "bare" else ""
+        add(f"| {i}{reverse} | {fmt(rd['bare_seconds'])} | {fmt(rd['segment_seconds'])} | {fmt(rd['monai_seconds'])} | "
             f"{fmt(rd['segment_seconds'] / rd['bare_seconds'], 3)} | {fmt(rd['segment_seconds'] / rd['monai_seconds'], 3)} | "
             f"{fmt(rd['network_seconds'])} | {fmt(rd['segment_peak_rss_mib'], 0)} | {fmt(rd['monai_peak_rss_mib'], 0)} |")
     add("")
@@ -569,7 +571,12 @@ def main() -> None:
         rounds = []
         for i in range(args.rounds):
             log(f"round {i + 1} of {args.rounds} at {args.limit_size}³")
-            bare_i, segment_i, monai_i = bench.bare(args.limit_size), bench.segment(args.limit_size), bench.monai(args.limit_size)
+            # every other round in reverse order (MONAI, segment(), bare network): a machine that speeds up
+            # or slows down during the rounds then favours neither side of a ratio
+            order = ("bare", "segment", "monai") if i % 2 == 0 else ("monai", "segment", "bare")
+            done = {name: getattr(bench, name)(args.limit_size) for name in order}
+            bare_i, segment_i, monai_i = done["bare"], done["segment"], done["monai"]
+            segment_i["order"] = list(order)
             monai_i["label_agreement"] = label_agreement(os.path.join(segment_i["output"], "0"), monai_i["labels_path"])
             os.remove(monai_i["labels_path"])
             shutil.rmtree(segment_i["output"], ignore_errors=True)
@@ -578,7 +585,7 @@ def main() -> None:
         bare = median_by_seconds([r["bare"] for r in rounds])
         monai = median_by_seconds([r["monai"] for r in rounds])
         monai["size"] = args.limit_size
-        result["rounds"] = [{"bare_seconds": r["bare"]["seconds"], "segment_seconds": r["segment"]["seconds"],
+        result["rounds"] = [{"order": r["segment"]["order"], "bare_seconds": r["bare"]["seconds"], "segment_seconds": r["segment"]["seconds"],
                              "monai_seconds": r["monai"]["seconds"], "segment_peak_rss_mib": r["segment"]["largest_process_peak_rss_mib"],
                              "monai_peak_rss_mib": r["monai"]["peak_rss_mib"], "network_seconds": r["segment"]["network_seconds"]}
                             for r in rounds]
