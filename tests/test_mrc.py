@@ -99,9 +99,12 @@ def test_local_reads_of_close_and_distant_rows_give_the_same_region(tmp_path, mo
 
 
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise on this platform")
-@pytest.mark.parametrize("row_gap, advised", [(4 * 2**10, True), (0, False)])
-def test_plane_runs_are_read_without_read_ahead(tmp_path, monkeypatch, row_gap, advised):
-    # a plane's rows read as one run hold all the block needs there: the kernel should fetch no more
+@pytest.mark.parametrize("row_gap, box, advised", [(4 * 2**10, Box((1, 2, 3), (4, 9, 7)), True),  # a block's narrow box
+                                                    (0, Box((1, 2, 3), (4, 9, 7)), False),  # rows one by one
+                                                    (4 * 2**10, Box((0, 0, 0), (5, 11, 13)), False)])  # convert's slab
+def test_narrow_plane_runs_are_read_without_read_ahead(tmp_path, monkeypatch, row_gap, box, advised):
+    # a plane's rows read as one run hold all the block needs there: the kernel should fetch no more;
+    # a slab as wide as the volume reads on through the file, where read-ahead helps
     from tilesegment import mrc
 
     data = sample((5, 11, 13), np.float32)
@@ -109,7 +112,6 @@ def test_plane_runs_are_read_without_read_ahead(tmp_path, monkeypatch, row_gap, 
     monkeypatch.setattr(mrc, "LOCAL_ROW_GAP", row_gap)
     advice, real = [], os.posix_fadvise
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, what: advice.append(what) or real(fd, offset, length, what))
-    box = Box((1, 2, 3), (4, 9, 7))
     np.testing.assert_array_equal(read_mrc_region(info, box), data[box.slices()])
     assert (os.POSIX_FADV_RANDOM in advice) == advised
 

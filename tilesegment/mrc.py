@@ -163,7 +163,8 @@ def _no_read_ahead(fd: int) -> None:
     this block does not read and which a small page cache drops before a neighbour does. A 1024³
     int8 MRC from a cold cache, in a memory cgroup leaving 64 or 256 MiB of page cache: 2.2-2.5×
     and 1.4× the file read from the disk instead of 5.6× and 2.1×; with an ample cache 1.00× either
-    way (``benchmarks/cold_reads.py``). Rows read one by one keep the kernel's default."""
+    way (``benchmarks/cold_reads.py``). Boxes at least half the volume wide (``tileseg convert``'s
+    slabs, which read on through the file) and rows read one by one keep the kernel's default."""
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
 
@@ -254,7 +255,8 @@ def read_mrc_region(info: MrcInfo, box: Box) -> np.ndarray:
     with open(info.path, "rb", buffering=0) as f:
         fd = f.fileno()
         if wide or (nx - (x1 - x0)) * item <= LOCAL_ROW_GAP:
-            _no_read_ahead(fd)
+            if not wide:  # a block's narrow box, not a slab that reads on through the file (convert)
+                _no_read_ahead(fd)
             rows = np.empty((y1 - y0, nx), dtype)
             for i, z in enumerate(range(z0, z1)):
                 _read_into(fd, rows, info.data_offset + (z * ny + y0) * nx * item, info.path)
