@@ -81,6 +81,14 @@ def child(params: dict[str, Any]) -> None:
                       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+def _read_words(path: str) -> list[str]:
+    try:
+        with open(path) as f:
+            return f.read().split()
+    except OSError:
+        return []
+
+
 class MemoryCgroup:
     """A memory cgroup of this machine (v2 or v1) that a child process joins before it starts."""
 
@@ -91,8 +99,7 @@ class MemoryCgroup:
     def create(cls, name: str) -> "MemoryCgroup | None":
         candidates = [("/sys/fs/cgroup", 2), ("/sys/fs/cgroup/unified", 2), ("/sys/fs/cgroup/memory", 1)]
         for root, version in candidates:
-            controllers = os.path.join(root, "cgroup.controllers")
-            if version == 2 and not (os.path.exists(controllers) and "memory" in open(controllers).read().split()):
+            if version == 2 and "memory" not in _read_words(os.path.join(root, "cgroup.controllers")):
                 continue
             if version == 1 and not os.path.exists(os.path.join(root, "memory.limit_in_bytes")):
                 continue

@@ -576,16 +576,15 @@ def main() -> None:
             order = ("bare", "segment", "monai") if i % 2 == 0 else ("monai", "segment", "bare")
             done = {name: getattr(bench, name)(args.limit_size) for name in order}
             bare_i, segment_i, monai_i = done["bare"], done["segment"], done["monai"]
-            segment_i["order"] = list(order)
             monai_i["label_agreement"] = label_agreement(os.path.join(segment_i["output"], "0"), monai_i["labels_path"])
             os.remove(monai_i["labels_path"])
             shutil.rmtree(segment_i["output"], ignore_errors=True)
-            rounds.append({"bare": bare_i, "segment": segment_i, "monai": monai_i})
+            rounds.append({"order": list(order), "bare": bare_i, "segment": segment_i, "monai": monai_i})
         limit_row = median_by_seconds([r["segment"] for r in rounds])
         bare = median_by_seconds([r["bare"] for r in rounds])
         monai = median_by_seconds([r["monai"] for r in rounds])
         monai["size"] = args.limit_size
-        result["rounds"] = [{"order": r["segment"]["order"], "bare_seconds": r["bare"]["seconds"], "segment_seconds": r["segment"]["seconds"],
+        result["rounds"] = [{"order": r["order"], "bare_seconds": r["bare"]["seconds"], "segment_seconds": r["segment"]["seconds"],
                              "monai_seconds": r["monai"]["seconds"], "segment_peak_rss_mib": r["segment"]["largest_process_peak_rss_mib"],
                              "monai_peak_rss_mib": r["monai"]["peak_rss_mib"], "network_seconds": r["segment"]["network_seconds"]}
                             for r in rounds]
