@@ -458,6 +458,8 @@ def child_bare(params: dict[str, Any]) -> None:
     model, config = load_checkpoint(read_checkpoint(params.get("model")), device)
     # the network exactly as tileseg's predictor runs it, unless told which memory order to try
     model = for_inference(model, **({"channels_last": params["channels_last"]} if "channels_last" in params else {}))
+    if "cudnn_benchmark" in params:  # cuDNN timing its algorithms for each new shape (tileseg leaves it off: see predict.py)
+        torch.backends.cudnn.benchmark = bool(params["cudnn_benchmark"])
     if params.get("keep_freed_memory", True):  # the process as tileseg's workers run it (benchmarks/allocator.py)
         keep_freed_memory()
     threads = max(1, default_torch_threads() // params.get("workers", 1))
@@ -503,7 +505,7 @@ def child_bare(params: dict[str, Any]) -> None:
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     result = {"seconds": seconds, "cpu_seconds": cpu, "warmup_seconds": warmup, "tiles": len(tiles), "batches": len(batches), "batch": batch,
               "threads": threads, "device": str(device), "shape": list(source.shape), "grid_count": plan.grid.count,
-              "precision": params.get("precision"), "staged": staged,
+              "precision": params.get("precision"), "staged": staged, "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
               "channels_last": any(p.dim() == 5 and p.is_contiguous(memory_format=torch.channels_last_3d) and not p.is_contiguous()
                                    for p in model.parameters())}
     if device.type == "cuda":

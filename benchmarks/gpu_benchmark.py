@@ -11,7 +11,9 @@ With the packaged default model, tile 64, overlap 0.25, gaussian blending and ba
 
 and reports voxels/s of both, their ratio (target: tileseg ≥ 0.85 of the bare throughput), the
 network's own time inside tileseg's run (forward hooks) and the GPU's name; and the bare network
-in the other memory order (channels-last weights, which tileseg uses on the CPU), to decide CUDA's. ``--precision bf16`` (or fp16) runs the network in that precision too, only where
+in the other memory order (channels-last weights, which tileseg uses on the CPU), to decide CUDA's;
+and on a GPU the bare network with ``torch.backends.cudnn.benchmark`` on, to decide whether tileseg
+should turn it on. ``--precision bf16`` (or fp16) runs the network in that precision too, only where
 tileseg's ``segment()`` takes a ``precision`` argument (checked with ``inspect.signature``).
 Without a CUDA GPU it says so and exits 0; ``--device cpu`` runs the same steps on the CPU (a check
 of the script itself, before a lent GPU's minutes are spent on it). ``--blocks-in-flight`` runs
@@ -78,6 +80,13 @@ def markdown(r: dict[str, Any]) -> str:
         f"{row['precision']}: channels_last={row['bare'].get('channels_last')} {row['bare_seconds']:.2f} s, "
         f"channels_last={row['bare_other_memory_order'].get('channels_last')} {row['bare_other_memory_order']['seconds']:.2f} s"
         for row in r["rows"] if row.get("bare_other_memory_order") and row.get("blocks_in_flight", default) == default), ""]
+    tuned = [row for row in r["rows"] if row.get("bare_cudnn_benchmark") and row.get("blocks_in_flight", default) == default]
+    if tuned:
+        lines += ["The bare network with `torch.backends.cudnn.benchmark = True` (cuDNN times its algorithms for every new input "
+                  "shape; tileseg leaves it off, see `tilesegment/predict.py`): " + "; ".join(
+                      f"{row['precision']}: {row['bare_cudnn_benchmark']['seconds']:.2f} s against {row['bare_seconds']:.2f} s "
+                      f"({row['bare_seconds'] / row['bare_cudnn_benchmark']['seconds']:.2f}× as fast; its warm-up forward "
+                      f"{row['bare_cudnn_benchmark']['warmup_seconds']:.2f} s)" for row in tuned), ""]
     if r["gpus"] > 1:
         lines += [f"The bare figure is one GPU's, times {r['gpus']} (ideal scaling): tileseg's embedded cluster uses every GPU.", ""]
     lines += ["Phases of each `segment()` run (s): " + "; ".join(
@@ -151,6 +160,11 @@ def main() -> int:
                                                     "device": "cuda:0" if args.device == "cuda" else args.device,
                                                     "channels_last": not bare.get("channels_last", False)}, workdir)
             log(f"  {other['seconds']:.2f} s with channels_last={other.get('channels_last')}")
+            tuned = None
+            if bare["device"].startswith("cuda"):  # cuDNN timing its algorithms per shape, which tileseg does not ask for
+                tuned, _ = spawn_child(script, "bare", {**common, **extra, "input": volume, "model": None, "workers": gpus,
+                                                        "device": bare["device"], "cudnn_benchmark": True}, workdir)
+                log(f"  {tuned['seconds']:.2f} s with torch.backends.cudnn.benchmark=True (warm-up {tuned['warmup_seconds']:.2f} s)")
             variants = [None] + [n for n in (args.blocks_in_flight or []) if order == 0 and n != settings["blocks_in_flight"]]
             for in_flight in variants:
                 log(f"segment() {precision}" + (f", {in_flight} blocks in flight" if in_flight else "") + " ...")
@@ -165,7 +179,7 @@ def main() -> int:
                 after = run["seconds"] - run["marks"]["on_start"]
                 row = {"precision": precision, "blocks_in_flight": in_flight or settings["blocks_in_flight"],
                        "bare_seconds": bare["seconds"], "bare_voxels_per_s": bare_rate, "bare": bare,
-                       "bare_other_memory_order": other,
+                       "bare_other_memory_order": other, "bare_cudnn_benchmark": tuned,
                        "seconds": run["seconds"], "voxels_per_s": voxels / run["seconds"], "seconds_after_cluster_up": after,
                        "tiles_forwarded": run["tiles_forwarded"], "tile_count": run["tile_count"], "phases": phases_of(run),
                        "network_seconds_inside_run": network,

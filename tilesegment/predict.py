@@ -63,6 +63,10 @@ class Predictor:
 
     def __init__(self, data: bytes, device: str = "cpu", precision: str = "fp32") -> None:
         self.device = resolve_device(device)
+        # on a GPU, cuDNN's heuristics choose the convolution algorithms (torch.backends.cudnn.benchmark
+        # is left off): timing them for each shape can choose differently from one run to the next,
+        # and a resumed run must give the bytes the stopped one would have (benchmarks/gpu_benchmark.py
+        # measures what timing them would gain)
         model, self.config = load_checkpoint(data, self.device)
         self.model = for_inference(model)
         self._pin = self.device.type == "cuda"
