@@ -96,3 +96,23 @@ def test_accumulate_and_normalise_equal_the_weighted_mean(classes, softmax):
     np.testing.assert_allclose(sums_weights.array(), expected_weight[inside], rtol=1e-6)
     expected = expected_sum / expected_weight
     np.testing.assert_allclose(normalise(acc, sums_weights, classes), expected[(slice(None), *inside)], rtol=1e-5, atol=1e-6)
+
+
+def test_a_block_accumulator_is_zeroed_even_in_memory_its_thread_used_before():
+    import threading
+
+    from tilesegment.blocks import block_accumulator
+
+    big = block_accumulator(2, Box((0, 0, 0), (6, 5, 4)))
+    big.fill(7.0)
+    small = block_accumulator(1, Box((3, 3, 3), (6, 7, 8)))  # a smaller block after it, in the same memory
+    assert small.shape == (1, 3, 4, 5) and small.dtype == np.float32 and small.flags.c_contiguous
+    assert np.shares_memory(small, big) and not small.any()
+    small.fill(1.0)
+    grown = block_accumulator(3, Box((0, 0, 0), (8, 8, 8)))  # larger than any before: new memory, zeroed
+    assert grown.shape == (3, 8, 8, 8) and not grown.any() and not np.shares_memory(grown, big)
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(block_accumulator(1, Box((0, 0, 0), (6, 5, 4)))))
+    thread.start()
+    thread.join()
+    assert not np.shares_memory(seen[0], grown)  # another block thread has its own

