@@ -116,3 +116,12 @@ def test_a_block_accumulator_is_zeroed_even_in_memory_its_thread_used_before():
     thread.start()
     thread.join()
     assert not np.shares_memory(seen[0], grown)  # another block thread has its own
+
+
+def test_summed_count_is_the_length_of_the_summed_channels():
+    from tilesegment.blending import summed_count
+
+    for channels in range(1, 5):
+        for softmax in (True, False):
+            assert summed_count(channels, softmax) == len(np.zeros(channels)[summed_channels(channels, softmax)])
+    assert (summed_count(2, True), summed_count(3, True), summed_count(1, True), summed_count(2, False)) == (1, 2, 1, 2)

@@ -35,7 +35,7 @@ from .geometry import Box, Shape
 if TYPE_CHECKING:
     from .plan import TileGrid
 
-__all__ = ["BLEND_MODES", "window", "profiles", "grid_weights", "GridWeights", "summed_channels", "new_accumulator", "Placement",
+__all__ = ["BLEND_MODES", "window", "profiles", "grid_weights", "GridWeights", "summed_channels", "summed_count", "new_accumulator", "Placement",
            "placement", "accumulate", "add_piece", "normalise"]
 
 #: Where one tile's prediction goes in an accumulator: ``(accumulator slices, tile slices)``.
@@ -137,6 +137,11 @@ def summed_channels(channels: int, softmax: bool) -> slice:
     """Which of a network's ``channels`` outputs an accumulator holds: all of them, except class 0
     of a softmax over two or more classes (its sum is ``Σ w`` minus the others')."""
     return slice(1, None) if softmax and channels > 1 else slice(None)
+
+
+def summed_count(channels: int, softmax: bool) -> int:
+    """How many channels :func:`summed_channels` keeps: an accumulator's first axis."""
+    return len(range(channels)[summed_channels(channels, softmax)])
 
 
 def new_accumulator(channels: int, box: Box) -> np.ndarray:

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .blending import GridWeights, add_piece, grid_weights, normalise, placement, summed_channels, window
+from .blending import GridWeights, add_piece, grid_weights, normalise, placement, summed_count, window
 from .errors import InputError
 from .geometry import Box, Shape
 from .journal import BlockJournal
@@ -91,7 +91,7 @@ class BlockJob:
     def summed_count(self) -> int:
         """The channels of the block's accumulator (a softmax's class 0 is left out, see
         :func:`tilesegment.blending.summed_channels`)."""
-        return len(range(self.channels)[summed_channels(self.channels, self.label_rule == "argmax")])
+        return summed_count(self.channels, self.label_rule == "argmax")
 
 
 @dataclass(frozen=True)

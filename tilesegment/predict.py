@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .allocator import keep_freed_memory
-from .blending import Placement, summed_channels
+from .blending import Placement, summed_channels, summed_count
 from .errors import ClusterError
 from .model import ModelConfig, for_inference, load_checkpoint
 
@@ -106,7 +106,7 @@ class Predictor:
         would otherwise wait for it between forwards. The window's multiplication is done where the
         network ran (on a GPU, so the CPU, which a GPU worker's blocks share, only adds).
         """
-        summed = len(range(self.out_channels)[self.summed])
+        summed = summed_count(self.out_channels, self.config.output == "softmax")
         if acc.shape[0] != summed:
             raise ValueError(f"an accumulator of {acc.shape[0]} channels for a network that sums {summed}")
         y = self._probabilities(tiles, summed=True, window=weights)
