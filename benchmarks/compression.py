@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _measure import machine_info, machine_line, save_report  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CANDIDATES = [(5, "bitshuffle"), (1, "bitshuffle"), (1, "shuffle"), (3, "shuffle"), (5, "shuffle")]
+CANDIDATES = [(5, "bitshuffle"), (3, "bitshuffle"), (1, "bitshuffle"), (1, "shuffle"), (3, "shuffle"), (5, "shuffle")]
 
 
 def chunks_of(data: np.ndarray, chunk: int = 64) -> list[np.ndarray]:
@@ -70,7 +70,7 @@ def main() -> None:
     from tilesegment.simulate import SimulationConfig, simulate
     from tilesegment.geometry import Box
     from tilesegment.volume import open_volume, read_volume
-    from tilesegment.zarr_io import DEFAULT_COMPRESSION, PROBABILITY_COMPRESSION, intensity_compression
+    from tilesegment.zarr_io import LABEL_COMPRESSION, PROBABILITY_COMPRESSION, intensity_compression
 
     numcodecs.blosc.set_nthreads(1)
     machine = machine_info()
@@ -89,7 +89,7 @@ def main() -> None:
                    "int16": np.clip(np.rint(scaled * 1000), -32768, 32767).astype(np.int16),
                    "int8": np.clip(np.rint(scaled * 30), -128, 127).astype(np.int8)}
     arrays = {f"intensities {dtype}": (data, intensity_compression(data.dtype)) for dtype, data in intensities.items()}
-    arrays |= {"labels uint8": (labels, DEFAULT_COMPRESSION),
+    arrays |= {"labels uint8": (labels, LABEL_COMPRESSION),
               "probabilities float16": (p16, PROBABILITY_COMPRESSION["float16"]),
               "probabilities float32": (p16.astype(np.float32), PROBABILITY_COMPRESSION["float32"]),
               "probabilities uint8": (np.round(np.clip(p16.astype(np.float32), 0, 1) * 255).astype(np.uint8), PROBABILITY_COMPRESSION["uint8"])}

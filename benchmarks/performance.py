@@ -356,7 +356,7 @@ def markdown(r: dict[str, Any]) -> str:
     add(f"- Settings everywhere: the packaged default model ({r['model']}), tile {s['tile']}, overlap {s['overlap']}, "
         f"{s['blend']} blending, batch {s['batch']}, device {s['device']}, {r['limit']['bare']['threads']} torch threads "
         f"(tileseg's workers share all usable cores); inputs are float32 MRC files of N(0, 1) noise at 10 Å/voxel; "
-        f"tileseg writes OME-NGFF 0.4 (Zarr v2, Blosc zstd 5, 64³ chunks) with its pyramid; embedded cluster of 1 worker "
+        f"tileseg writes OME-NGFF 0.4 (Zarr v2, labels at Blosc zstd 3 with bitshuffle, 64³ chunks) with its pyramid; embedded cluster of 1 worker "
         f"unless said otherwise. Every figure below is measured in this run.")
     if r["source_fingerprint_start"] != r["source_fingerprint_end"]:
         add(f"- **Warning: tilesegment's source changed during this run** (fingerprint {r['source_fingerprint_start']} at the start, "

@@ -211,8 +211,8 @@ def test_each_tile_forwarded_exactly_once(tmp_path, client, small_net):
 @pytest.mark.parametrize("dtype", ["float16", "float32", "uint8"])
 def test_probabilities_get_their_own_compression(tmp_path, client, identity_model, ngff, dtype):
     """Every level of the probabilities is written with the settings chosen for its dtype (fast zstd),
-    the labels with the default; what is read back is what was computed."""
-    from tilesegment.zarr_io import DEFAULT_COMPRESSION, PROBABILITY_COMPRESSION
+    the labels with theirs; what is read back is what was computed."""
+    from tilesegment.zarr_io import LABEL_COMPRESSION, PROBABILITY_COMPRESSION
 
     volume = random_volume((40, 36, 44), seed=5)
     src = write_mrc(tmp_path / "in.mrc", volume)
@@ -221,7 +221,7 @@ def test_probabilities_get_their_own_compression(tmp_path, client, identity_mode
     group = zarr.open_group(out, mode="r")
     wanted = PROBABILITY_COMPRESSION[dtype]
     for level in ("0", "1"):
-        assert blosc_settings(group[level]) == (DEFAULT_COMPRESSION.level, DEFAULT_COMPRESSION.shuffle)
+        assert blosc_settings(group[level]) == (LABEL_COMPRESSION.level, LABEL_COMPRESSION.shuffle)
         assert blosc_settings(group["probabilities"][level]) == (wanted.level, wanted.shuffle)
     expected = volume if dtype != "uint8" else np.round(np.clip(volume, 0, 1) * 255)
     tolerance = {"float16": dict(rtol=1e-3, atol=1e-3), "float32": dict(rtol=1e-5, atol=1e-6), "uint8": dict(rtol=0, atol=1)}[dtype]

@@ -20,7 +20,7 @@ from .journal import BlockJournal
 from .lock import lock_holder
 from .ome import image_label, multiscales, ome_attrs
 from .storage import describe_failure, exists, remedy
-from .zarr_io import PROBABILITY_COMPRESSION, ArraySpec, create_array, create_group, read_attrs, update_attrs
+from .zarr_io import LABEL_COMPRESSION, PROBABILITY_COMPRESSION, ArraySpec, create_array, create_group, read_attrs, update_attrs
 
 __all__ = ["OutputLayout", "OutputStatus", "describe_output", "output_state", "decide", "check_same_run", "create_output", "finish_output",
            "CREATE", "CONTINUE", "FINISHED"]
@@ -102,7 +102,7 @@ def create_output(output: str, layout: OutputLayout, info: dict[str, Any], overw
     """Lay out every level of labels (and probabilities), marked ``incomplete``, with no OME metadata yet."""
     group = create_group(output, layout.ngff, overwrite=overwrite)
     for path, shape in zip(layout.paths, layout.shapes):
-        create_array(group, path, shape, layout.label_dtype, layout.spec)
+        create_array(group, path, shape, layout.label_dtype, layout.spec, compression=LABEL_COMPRESSION)
     if layout.probability_dtype:
         probabilities = group.create_group("probabilities")
         for path, shape in zip(layout.paths, layout.shapes):
