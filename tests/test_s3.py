@@ -58,6 +58,25 @@ def clear_fs_cache() -> None:
     s3fs.S3FileSystem.clear_instance_cache()  # instances remember the endpoint they were made with
 
 
+def close_fs_sessions() -> None:
+    """Close the HTTP sessions of the S3 filesystems this process made, on the loops they run on.
+    Dropped unclosed, a session's finaliser may run only at exit, when its loop has stopped, and
+    aiohttp then reports an unclosed client session."""
+    import s3fs
+    import zarr.core.sync
+    from fsspec.asyn import sync
+
+    for fs in list(s3fs.S3FileSystem._cache.values()):
+        session = getattr(fs, "_s3", None)
+        if session is None:
+            continue
+        if fs.asynchronous:  # made by zarr's FsspecStore: its session lives on zarr's loop
+            zarr.core.sync.sync(session.__aexit__(None, None, None))
+        else:
+            sync(fs.loop, session.__aexit__, None, None, None)
+        fs._s3 = None
+
+
 @pytest.fixture(scope="module")
 def s3():
     """A local S3 server with one bucket; the environment points every client (and child process) at it."""
@@ -81,6 +100,7 @@ def s3():
         fs, _ = filesystem(f"s3://{BUCKET}")
         fs.mkdir(BUCKET)
         yield port
+        close_fs_sessions()
         clear_fs_cache()
     server.stop()
 
@@ -273,9 +293,10 @@ def test_overwrite_on_s3_replaces_only_the_output(prefix, tomogram, identity_mod
 
 @pytest.fixture
 def reconfigure(s3):
-    """Change the S3 environment for one test (then call ``clear_fs_cache``); instances made meanwhile are forgotten after."""
+    """Change the S3 environment for one test (then call ``clear_fs_cache``); instances made meanwhile are closed and forgotten after."""
     with pytest.MonkeyPatch.context() as mp:
         yield mp
+    close_fs_sessions()
     clear_fs_cache()
 
 
