@@ -12,9 +12,37 @@ import click
 
 from tilesegment.errors import TilesegError
 
-__all__ = ["handle_errors", "parse_shape", "show_progress", "configure_logging", "echo_json", "EXIT_INTERNAL"]
+__all__ = ["handle_errors", "parse_shape", "show_progress", "configure_logging", "echo_json", "EXIT_INTERNAL",
+           "SEGMENTATION_OPTIONS", "PROBABILITY_DTYPE_OPTION", "IGNORE_VOXEL_SIZE_OPTION", "with_options"]
 
 EXIT_INTERNAL = 70
+
+#: The network's and the cluster's options of every command that segments (``run``, ``copick``).
+SEGMENTATION_OPTIONS = [
+    click.option("--model", default=None, help="Checkpoint (.safetensors) from 'tileseg train'; default: the built-in model."),
+    click.option("--tile", default="64", show_default=True, help="Tile shape fed to the network, N or Z,Y,X."),
+    click.option("--overlap", type=float, default=0.25, show_default=True, help="Overlap of neighbouring tiles, a fraction in [0, 1)."),
+    click.option("--blend", type=click.Choice(["gaussian", "linear", "constant"]), default="gaussian", show_default=True, help="Window that weights each tile's prediction."),
+    click.option("--batch", type=int, default=4, show_default=True, help="Tiles per network forward."),
+    click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
+    click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+                 help="Network arithmetic: fp32, or bf16/fp16 autocast (faster on GPUs and on CPUs with AVX512-BF16 or AMX; fp16 needs CUDA)."),
+    click.option("--scheduler", default=None, help="Dask scheduler address (tcp://host:8786) or scheduler file; default: an embedded cluster."),
+    click.option("--workers", type=int, default=None, help="Workers of the embedded cluster (default: 1 on CPU, one per GPU)."),
+    click.option("--block", default=None, help="Block shape (whole chunks; default: about 2 tiles)."),
+    click.option("--chunk", default="64", show_default=True, help="Output chunk shape."),
+]
+PROBABILITY_DTYPE_OPTION = click.option("--probability-dtype", type=click.Choice(["float16", "float32", "uint8"]), default="float16", show_default=True)
+IGNORE_VOXEL_SIZE_OPTION = click.option("--ignore-voxel-size", is_flag=True, help="Run even if the tomogram's voxel size is far from the model's.")
+
+
+def with_options(*options: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A decorator applying ``options``, listed in ``--help`` in the order given."""
+    def apply(func: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            func = option(func)
+        return func
+    return apply
 
 
 def parse_shape(value: str | None) -> Any:

@@ -13,7 +13,8 @@ import click
 
 from tilesegment import __version__
 
-from .common import configure_logging, echo_json, handle_errors, parse_shape, show_progress
+from .common import (IGNORE_VOXEL_SIZE_OPTION, PROBABILITY_DTYPE_OPTION, SEGMENTATION_OPTIONS, configure_logging, echo_json, handle_errors,
+                     parse_shape, show_progress, with_options)
 
 log = logging.getLogger("tilesegment.cli")
 
@@ -75,30 +76,16 @@ def convert(ctx: click.Context, input_path: str, output: str, ngff: str, chunk: 
 
 
 def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.option("--model", default=None, help="Checkpoint (.safetensors) from 'tileseg train'; default: the built-in model."),
-        click.option("--tile", default="64", show_default=True, help="Tile shape fed to the network, N or Z,Y,X."),
-        click.option("--overlap", type=float, default=0.25, show_default=True, help="Overlap of neighbouring tiles, a fraction in [0, 1)."),
-        click.option("--blend", type=click.Choice(["gaussian", "linear", "constant"]), default="gaussian", show_default=True, help="Window that weights each tile's prediction."),
-        click.option("--batch", type=int, default=4, show_default=True, help="Tiles per network forward."),
-        click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
-        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
-                     help="Network arithmetic: fp32, or bf16/fp16 autocast (faster on GPUs and on CPUs with AVX512-BF16 or AMX; fp16 needs CUDA)."),
-        click.option("--scheduler", default=None, help="Dask scheduler address (tcp://host:8786) or scheduler file; default: an embedded cluster."),
-        click.option("--workers", type=int, default=None, help="Workers of the embedded cluster (default: 1 on CPU, one per GPU)."),
-        click.option("--block", default=None, help="Block shape (whole chunks; default: about 2 tiles)."),
-        click.option("--chunk", default="64", show_default=True, help="Output chunk shape."),
+    return with_options(
+        *SEGMENTATION_OPTIONS,
         click.option("--shard", default=None, help="Output shard shape (with --ngff 0.5)."),
         click.option("--ngff", type=click.Choice(["0.4", "0.5"]), default="0.4", show_default=True, help="Output OME-Zarr version."),
         click.option("--probabilities", is_flag=True, help="Also write the class probabilities (under probabilities/)."),
-        click.option("--probability-dtype", type=click.Choice(["float16", "float32", "uint8"]), default="float16", show_default=True),
+        PROBABILITY_DTYPE_OPTION,
         click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists."),
         click.option("--resume", is_flag=True, help="Finish a stopped run on OUTPUT (same options), computing only its unfinished blocks."),
-        click.option("--ignore-voxel-size", is_flag=True, help="Run even if the tomogram's voxel size is far from the model's."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+        IGNORE_VOXEL_SIZE_OPTION,
+    )(func)
 
 
 def run_segmentation(quiet: bool, input_path: str, output: str, as_json: bool = False, **options: Any) -> Any:
