@@ -473,7 +473,7 @@ def child_bare(params: dict[str, Any]) -> None:
         data -= np.float32(mean)
         data /= np.float32(std)
     batch = params["batch"]
-    autocast = _autocast(device, params.get("precision"))
+    autocast = _network_math(device, params.get("precision"), params.get("cudnn_deterministic", True))
 
     def activate(y: Any) -> Any:
         y = y.float()
@@ -495,7 +495,12 @@ def child_bare(params: dict[str, Any]) -> None:
     del data
     with torch.inference_mode(), autocast:
         started = time.perf_counter()
-        activate(model(batches[0].to(device)))  # warm-up (allocator, kernels, oneDNN/cuDNN choices)
+        # warm-up (allocator, kernels, oneDNN/cuDNN choices); on a GPU once for each batch shape: cuDNN
+        # with its benchmark mode on times algorithms at every new shape, which must not fall in the
+        # loop (on the CPU one forward, as in every run of benchmarks/RESULTS.md)
+        shapes = {tuple(x.shape): x for x in batches} if device.type == "cuda" else {0: batches[0]}
+        for x in shapes.values():
+            activate(model(x.to(device)))
         sync()
         warmup = time.perf_counter() - started
         started, cpu = time.perf_counter(), time.process_time()
@@ -506,6 +511,7 @@ def child_bare(params: dict[str, Any]) -> None:
     result = {"seconds": seconds, "cpu_seconds": cpu, "warmup_seconds": warmup, "tiles": len(tiles), "batches": len(batches), "batch": batch,
               "threads": threads, "device": str(device), "shape": list(source.shape), "grid_count": plan.grid.count,
               "precision": params.get("precision"), "staged": staged, "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+              "cudnn_deterministic": params.get("cudnn_deterministic", True),
               "channels_last": any(p.dim() == 5 and p.is_contiguous(memory_format=torch.channels_last_3d) and not p.is_contiguous()
                                    for p in model.parameters())}
     if device.type == "cuda":
@@ -513,17 +519,28 @@ def child_bare(params: dict[str, Any]) -> None:
     write_result(params, result)
 
 
-def _autocast(device: Any, precision: str | None) -> Any:
+def _network_math(device: Any, precision: str | None, deterministic: bool = True) -> Any:
+    """The precision tileseg's predictor runs a forward in: its autocast, and on CUDA its cuDNN
+    settings (``tilesegment.predict.cudnn_math``: IEEE or TF32 float32 convolutions, deterministic
+    algorithms), where this tilesegment has them."""
     import torch
 
-    if not precision or precision in ("fp32", "float32"):
-        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
     try:  # tileseg's own names for precisions, where it has them
         from tilesegment.predict import PRECISIONS
     except ImportError:
-        PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    dtype = PRECISIONS[precision]
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    try:
+        from tilesegment.predict import cudnn_math
+    except ImportError:
+        cudnn_math = None
+    name = precision if precision and precision != "float32" else "fp32"
+    if cudnn_math is not None:
+        stack.enter_context(cudnn_math(device, name, deterministic))
+    dtype = PRECISIONS[name]
+    if dtype is not None:
+        stack.enter_context(torch.autocast(device.type, dtype=dtype))
+    return stack
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,9 @@ and reports voxels/s of both, their ratio (target: tileseg ≥ 0.85 of the bare 
 network's own time inside tileseg's run (forward hooks) and the GPU's name; and the bare network
 in the other memory order (channels-last weights, which tileseg uses on the CPU), to decide CUDA's;
 and on a GPU the bare network with ``torch.backends.cudnn.benchmark`` on, to decide whether tileseg
-should turn it on. ``--precision bf16`` (or fp16) runs the network in that precision too, only where
+should turn it on, and with ``torch.backends.cudnn.deterministic`` off, to show what tileseg's
+deterministic algorithms cost (these variants for the first precision only). ``--precision tf32``,
+``bf16`` (or fp16) runs the network in that precision too, only where
 tileseg's ``segment()`` takes a ``precision`` argument (checked with ``inspect.signature``).
 Without a CUDA GPU it says so and exits 0; ``--device cpu`` runs the same steps on the CPU (a check
 of the script itself, before a lent GPU's minutes are spent on it). ``--blocks-in-flight`` runs
@@ -87,6 +89,12 @@ def markdown(r: dict[str, Any]) -> str:
                       f"{row['precision']}: {row['bare_cudnn_benchmark']['seconds']:.2f} s against {row['bare_seconds']:.2f} s "
                       f"({row['bare_seconds'] / row['bare_cudnn_benchmark']['seconds']:.2f}× as fast; its warm-up forward "
                       f"{row['bare_cudnn_benchmark']['warmup_seconds']:.2f} s)" for row in tuned), ""]
+    loose = [row for row in r["rows"] if row.get("bare_nondeterministic") and row.get("blocks_in_flight", default) == default]
+    if loose:
+        lines += ["The bare network with `torch.backends.cudnn.deterministic = False` (cuDNN free to choose algorithms that add "
+                  "in any order; tileseg asks for deterministic ones, see `tilesegment.predict.cudnn_math`): " + "; ".join(
+                      f"{row['precision']}: {row['bare_nondeterministic']['seconds']:.2f} s against {row['bare_seconds']:.2f} s "
+                      f"({row['bare_seconds'] / row['bare_nondeterministic']['seconds']:.2f}× as fast)" for row in loose), ""]
     if r["gpus"] > 1:
         lines += [f"The bare figure is one GPU's, times {r['gpus']} (ideal scaling): tileseg's embedded cluster uses every GPU.", ""]
     lines += ["Phases of each `segment()` run (s): " + "; ".join(
@@ -105,7 +113,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--precision", nargs="+", default=["fp32"],
-                        help="network precisions to run (fp32, and bf16/fp16 where segment() takes a precision)")
+                        help="network precisions to run (fp32, and tf32/bf16/fp16 where segment() takes a precision)")
     parser.add_argument("--blocks-in-flight", type=int, nargs="+", default=None, metavar="N",
                         help="also run segment() with N blocks at once on the GPU worker (first precision only; tileseg's "
                              "own choice always runs): how much CPU work beside the GPU keeps it busy")
@@ -134,6 +142,22 @@ def main() -> int:
         note = (f"Precision(s) {', '.join(skipped)} skipped: this tilesegment's `segment()` takes no `precision` argument, "
                 "so tileseg cannot run them.")
         log(note)
+    try:  # a check of the script on a CPU: tileseg refuses what this CPU would emulate
+        from tilesegment.predict import check_precision
+        from tilesegment.errors import OptionError
+    except ImportError:
+        check_precision = None
+    refused = []
+    for p in list(precisions):
+        try:
+            if check_precision is not None and p != "fp32":
+                check_precision(p, args.device, on_this_machine=True)
+        except OptionError as exc:
+            precisions.remove(p)
+            refused.append(f"{p} ({exc.what})")
+    if refused:
+        note = " ".join(filter(None, [note, f"Refused by tileseg on this machine, so not run: {'; '.join(refused)}."]))
+        log(note)
     gpus = embedded_worker_count(args.device)
     settings = {"size": args.size, "tile": 64, "overlap": 0.25, "blend": "gaussian", "batch": args.batch, "device": args.device,
                 "blocks_in_flight": blocks_in_flight(args.device)}
@@ -155,16 +179,21 @@ def main() -> int:
             bare, _ = spawn_child(script, "bare", {**common, **extra, "input": volume, "model": None, "workers": gpus,
                                                    "device": "cuda:0" if args.device == "cuda" else args.device}, workdir)
             log(f"  {bare['seconds']:.2f} s for {bare['tiles']} tiles")
-            # the other memory order, for the record: tileseg runs CUDA networks channels-first until this says otherwise
-            other, _ = spawn_child(script, "bare", {**common, **extra, "input": volume, "model": None, "workers": gpus,
-                                                    "device": "cuda:0" if args.device == "cuda" else args.device,
-                                                    "channels_last": not bare.get("channels_last", False)}, workdir)
-            log(f"  {other['seconds']:.2f} s with channels_last={other.get('channels_last')}")
-            tuned = None
-            if bare["device"].startswith("cuda"):  # cuDNN timing its algorithms per shape, which tileseg does not ask for
+            other = tuned = loose = None
+            if order == 0:  # the variants for the first precision only, to keep the run short
+                # the other memory order, for the record: tileseg runs CUDA networks channels-first until this says otherwise
+                other, _ = spawn_child(script, "bare", {**common, **extra, "input": volume, "model": None, "workers": gpus,
+                                                        "device": bare["device"], "channels_last": not bare.get("channels_last", False)}, workdir)
+                log(f"  {other['seconds']:.2f} s with channels_last={other.get('channels_last')}")
+            if order == 0 and bare["device"].startswith("cuda"):
+                # cuDNN timing its algorithms per shape, which tileseg does not ask for
                 tuned, _ = spawn_child(script, "bare", {**common, **extra, "input": volume, "model": None, "workers": gpus,
                                                         "device": bare["device"], "cudnn_benchmark": True}, workdir)
                 log(f"  {tuned['seconds']:.2f} s with torch.backends.cudnn.benchmark=True (warm-up {tuned['warmup_seconds']:.2f} s)")
+                # cuDNN free to pick nondeterministic algorithms (tileseg asks for deterministic ones: predict.cudnn_math)
+                loose, _ = spawn_child(script, "bare", {**common, **extra, "input": volume, "model": None, "workers": gpus,
+                                                        "device": bare["device"], "cudnn_deterministic": False}, workdir)
+                log(f"  {loose['seconds']:.2f} s with torch.backends.cudnn.deterministic=False")
             variants = [None] + [n for n in (args.blocks_in_flight or []) if order == 0 and n != settings["blocks_in_flight"]]
             for in_flight in variants:
                 log(f"segment() {precision}" + (f", {in_flight} blocks in flight" if in_flight else "") + " ...")
@@ -179,7 +208,7 @@ def main() -> int:
                 after = run["seconds"] - run["marks"]["on_start"]
                 row = {"precision": precision, "blocks_in_flight": in_flight or settings["blocks_in_flight"],
                        "bare_seconds": bare["seconds"], "bare_voxels_per_s": bare_rate, "bare": bare,
-                       "bare_other_memory_order": other, "bare_cudnn_benchmark": tuned,
+                       "bare_other_memory_order": other, "bare_cudnn_benchmark": tuned, "bare_nondeterministic": loose,
                        "seconds": run["seconds"], "voxels_per_s": voxels / run["seconds"], "seconds_after_cluster_up": after,
                        "tiles_forwarded": run["tiles_forwarded"], "tile_count": run["tile_count"], "phases": phases_of(run),
                        "network_seconds_inside_run": network,
@@ -188,6 +217,7 @@ def main() -> int:
                 row["ratio_after_cluster_up"] = voxels / after / bare_rate
                 log(f"  {run['seconds']:.2f} s: {row['ratio']:.3f} of the bare throughput")
                 result["rows"].append(row)
+                save_report(args.out_dir, "gpu", result, markdown(result))  # after every row: a run cut short keeps its rows
     save_report(args.out_dir, "gpu", result, markdown(result))
     return 0
 

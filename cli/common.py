@@ -25,8 +25,9 @@ SEGMENTATION_OPTIONS = [
     click.option("--blend", type=click.Choice(["gaussian", "linear", "constant"]), default="gaussian", show_default=True, help="Window that weights each tile's prediction."),
     click.option("--batch", type=int, default=4, show_default=True, help="Tiles per network forward."),
     click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
-    click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
-                 help="Network arithmetic: fp32, or bf16/fp16 autocast (faster on GPUs and on CPUs with AVX512-BF16 or AMX; fp16 needs CUDA)."),
+    click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16", "fp16"]), default="fp32", show_default=True,
+                 help="Network arithmetic: fp32 (IEEE float32 on every device), tf32 (float32 with TF32 convolutions on NVIDIA GPUs), "
+                      "or bf16/fp16 autocast (faster on GPUs and on CPUs with AVX512-BF16 or AMX; tf32 and fp16 need CUDA)."),
     click.option("--scheduler", default=None, help="Dask scheduler address (tcp://host:8786) or scheduler file; default: an embedded cluster."),
     click.option("--workers", type=int, default=None, help="Workers of the embedded cluster (default: 1 on CPU, one per GPU)."),
     click.option("--block", default=None, help="Block shape (whole chunks; default: about 2 tiles)."),

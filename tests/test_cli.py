@@ -39,6 +39,16 @@ def test_version_and_help():
         assert result.returncode == 0 and "Example" in result.stdout, command
 
 
+def test_precision_choices_are_the_predictors_precisions():
+    """The CLI lists the choices itself (so that --help imports no PyTorch); they must not drift."""
+    from tilesegment.cli.main import main
+    from tilesegment.predict import PRECISIONS
+
+    for command in ("run", "copick"):
+        option = next(p for p in main.commands[command].params if p.name == "precision")
+        assert list(option.type.choices) == list(PRECISIONS), command
+
+
 def test_json_summaries_and_verbosity(tmp_path, identity_model):
     import json
 

@@ -189,3 +189,28 @@ def test_forward_into_takes_views_of_a_block_as_its_batch():
         np.testing.assert_array_equal(got, expected)
         assert got.max() > 0
     np.testing.assert_array_equal(block, np.random.default_rng(2).standard_normal((56, 48, 64)).astype(np.float32))  # input untouched
+
+
+def test_cudnn_math_sets_float32_convolutions_and_determinism_for_a_forward_only():
+    """``fp32`` is IEEE float32 on a GPU too (PyTorch would let cuDNN use TF32), ``tf32`` asks for
+    TF32, and both ask for deterministic algorithms; the process-wide flags come back after. The
+    flags can be set without a GPU, so this runs everywhere; off CUDA nothing is touched."""
+    from tilesegment.predict import cudnn_math
+
+    cudnn = torch.backends.cudnn
+    before = cudnn.conv.fp32_precision, cudnn.deterministic
+    cudnn.conv.fp32_precision, cudnn.deterministic = "tf32", False
+    try:
+        with cudnn_math(torch.device("cuda"), "fp32"):
+            assert (cudnn.conv.fp32_precision, cudnn.deterministic) == ("ieee", True)
+        assert (cudnn.conv.fp32_precision, cudnn.deterministic) == ("tf32", False)
+        cudnn.conv.fp32_precision = "ieee"
+        with pytest.raises(RuntimeError, match="inside"):
+            with cudnn_math(torch.device("cuda:0"), "tf32"):
+                assert (cudnn.conv.fp32_precision, cudnn.deterministic) == ("tf32", True)
+                raise RuntimeError("inside")
+        assert (cudnn.conv.fp32_precision, cudnn.deterministic) == ("ieee", False)
+        with cudnn_math(torch.device("cpu"), "fp32"):
+            assert (cudnn.conv.fp32_precision, cudnn.deterministic) == ("ieee", False)
+    finally:
+        cudnn.conv.fp32_precision, cudnn.deterministic = before

@@ -145,7 +145,7 @@ def segment(
         raise OptionError(f"--batch {batch} must be at least 1.", "Use --batch 1 or more (4-16 on a GPU).")
     if probability_dtype not in PROBABILITY_DTYPES:
         raise OptionError(f"--probability-dtype {probability_dtype} is not supported.", f"Use one of: {', '.join(PROBABILITY_DTYPES)}.")
-    check_precision(precision, device)
+    check_precision(precision, device, on_this_machine=scheduler is None and client is None)
     spec = output_spec(ngff, chunk, shard)
     tile_shape = shape_option(tile, "--tile")
     block_shape = shape_option(block, "--block") if block is not None else None

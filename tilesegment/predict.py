@@ -7,10 +7,11 @@ remote workers need no access to the client's files.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -20,9 +21,14 @@ from .blending import Placement, summed_channels, summed_count
 from .errors import ClusterError
 from .model import ModelConfig, for_inference, load_checkpoint
 
-__all__ = ["Predictor", "model_key", "install_predictor", "get_predictor", "resolve_device", "PRECISIONS", "check_precision"]
+__all__ = ["Predictor", "model_key", "install_predictor", "get_predictor", "resolve_device", "PRECISIONS", "check_precision",
+           "cudnn_math", "native_cpu_bf16"]
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: ``--precision``: the autocast dtype of each (None: no autocast). ``fp32`` is IEEE float32 on
+#: every device; ``tf32`` is float32 whose convolutions cuDNN may run on TF32 tensor cores (inputs
+#: rounded to 10 mantissa bits; PyTorch's own default for cuDNN convolutions, see
+#: :func:`cudnn_math`).
+PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 _PREDICTORS: dict[str, "Predictor"] = {}
 _LOCK = threading.Lock()
@@ -32,13 +38,67 @@ def model_key(data: bytes, device: str, precision: str = "fp32") -> str:
     return f"{hashlib.sha256(data).hexdigest()[:16]}-{device}" + ("" if precision == "fp32" else f"-{precision}")
 
 
-def check_precision(precision: str, device: str) -> None:
+def check_precision(precision: str, device: str, on_this_machine: bool = False) -> None:
+    """Refuse a precision the device cannot run; ``on_this_machine``: the network will run here (an
+    embedded cluster), so this CPU's instructions count too (each worker checks its own as well)."""
     from .errors import OptionError
 
     if precision not in PRECISIONS:
         raise OptionError(f"--precision {precision!r} is not supported.", f"Use one of: {', '.join(PRECISIONS)}.")
     if precision == "fp16" and not device.startswith("cuda"):
         raise OptionError("--precision fp16 needs a GPU (PyTorch has no float16 3D convolutions on the CPU).", "Use --precision bf16 on a CPU, or --device cuda.")
+    if precision == "tf32" and not device.startswith("cuda"):
+        raise OptionError("--precision tf32 needs an NVIDIA GPU (TF32 is a tensor-core format of Ampere and later).", "Use --precision fp32 or bf16 on a CPU, or --device cuda.")
+    if on_this_machine and device == "cpu":
+        _refuse_emulated_bf16(torch.device("cpu"), precision)
+
+
+def native_cpu_bf16() -> bool:
+    """Whether oneDNN runs bf16 convolutions natively on this CPU (AVX512-BF16 or AMX). Without
+    them PyTorch emulates bf16, and the packaged network took 136x fp32's time for 2 tiles of 32³
+    (348x over a 96³ grid) on an AVX2-only AMD EPYC. Asks PyTorch's own check; where this PyTorch
+    has none, assumes native."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else True
+    except Exception:
+        return True
+
+
+def _refuse_emulated_bf16(device: torch.device, precision: str) -> None:
+    """Called where the network runs (each worker: its CPU is the one that counts)."""
+    from .errors import OptionError
+
+    if device.type == "cpu" and precision == "bf16" and not native_cpu_bf16():
+        raise OptionError("--precision bf16 on a CPU without AVX512-BF16 or AMX: PyTorch emulates bf16 there, "
+                          "and the network takes 100-350x fp32's time.", "Use --precision fp32 (the default) on this CPU, or bf16 on a GPU.")
+
+
+@contextlib.contextmanager
+def cudnn_math(device: torch.device, precision: str, deterministic: bool = True) -> Iterator[None]:
+    """cuDNN's settings while a forward runs, put back after (they are process-wide); nothing off CUDA.
+
+    * Float32 convolutions in TF32 only for ``tf32``, IEEE float32 otherwise. PyTorch lets cuDNN
+      round fp32 convolutions to TF32 by default, which moved the packaged network's probabilities
+      by up to 1.7e-3 in a CPU emulation (inputs and weights rounded to 10 mantissa bits): so
+      ``fp32`` means the same float32 on a GPU as on the CPU, and TF32's speed is asked for by name.
+    * Deterministic algorithms only: with ``torch.backends.cudnn.benchmark`` off (see
+      :class:`Predictor`) cuDNN's heuristics choose the same algorithm each time, but some of those
+      (the transposed convolutions' backward-data kernels among them) add with atomics in any order;
+      a resumed run must give the bytes the stopped one would have. ``benchmarks/gpu_benchmark.py``
+      measures what this costs.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    conv, cudnn = torch.backends.cudnn.conv, torch.backends.cudnn
+    before = conv.fp32_precision, cudnn.deterministic
+    conv.fp32_precision = "tf32" if precision == "tf32" else "ieee"
+    cudnn.deterministic = deterministic
+    try:
+        yield
+    finally:
+        conv.fp32_precision, cudnn.deterministic = before
 
 
 def resolve_device(device: str) -> torch.device:
@@ -63,13 +123,15 @@ class Predictor:
 
     def __init__(self, data: bytes, device: str = "cpu", precision: str = "fp32") -> None:
         self.device = resolve_device(device)
+        _refuse_emulated_bf16(self.device, precision)
         # on a GPU, cuDNN's heuristics choose the convolution algorithms (torch.backends.cudnn.benchmark
         # is left off): timing them for each shape can choose differently from one run to the next,
-        # and a resumed run must give the bytes the stopped one would have (benchmarks/gpu_benchmark.py
-        # measures what timing them would gain)
+        # and a resumed run must give the bytes the stopped one would have (with deterministic
+        # algorithms only, see cudnn_math; benchmarks/gpu_benchmark.py measures what timing them would gain)
         model, self.config = load_checkpoint(data, self.device)
         self.model = for_inference(model)
         self._pin = self.device.type == "cuda"
+        self._precision = precision
         self._autocast = PRECISIONS[precision]
         self._lock = threading.Lock()
         self._window: tuple[np.ndarray, torch.Tensor] | None = None  # the last window and its tensor
@@ -148,7 +210,7 @@ class Predictor:
     def _probabilities(self, tiles: np.ndarray | Sequence[np.ndarray], summed: bool = False,
                        window: np.ndarray | None = None) -> torch.Tensor:
         x = self._batch(tiles)[:, None]
-        with self._lock:
+        with self._lock, cudnn_math(self.device, self._precision):
             with torch.autocast(self.device.type, dtype=self._autocast, enabled=self._autocast is not None):
                 y = self.model(x.to(self.device, non_blocking=True))
             # in the input's order again (a channels-last network answers channels-last): blending
