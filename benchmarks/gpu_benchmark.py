@@ -129,7 +129,9 @@ def main() -> int:
         return 0
 
     import tilesegment
+    from tilesegment.errors import OptionError
     from tilesegment.executor import blocks_in_flight, embedded_worker_count
+    from tilesegment.predict import check_precision
     from tilesegment.pipeline import segment
 
     takes_precision = "precision" in inspect.signature(segment).parameters
@@ -142,16 +144,10 @@ def main() -> int:
         note = (f"Precision(s) {', '.join(skipped)} skipped: this tilesegment's `segment()` takes no `precision` argument, "
                 "so tileseg cannot run them.")
         log(note)
-    try:  # a check of the script on a CPU: tileseg refuses what this CPU would emulate
-        from tilesegment.predict import check_precision
-        from tilesegment.errors import OptionError
-    except ImportError:
-        check_precision = None
-    refused = []
+    refused = []  # what tileseg refuses here (on a CPU: what it would emulate), as a check of the script
     for p in list(precisions):
         try:
-            if check_precision is not None and p != "fp32":
-                check_precision(p, args.device, on_this_machine=True)
+            check_precision(p, args.device, on_this_machine=True)
         except OptionError as exc:
             precisions.remove(p)
             refused.append(f"{p} ({exc.what})")

@@ -147,14 +147,6 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def native_bf16() -> bool:
-    try:  # tileseg's own check, where it has one
-        from tilesegment.predict import native_cpu_bf16
-    except ImportError:
-        return True
-    return native_cpu_bf16()
-
-
 def main() -> int:
     if child_main(sys.argv[1:], CHILDREN):
         return 0
@@ -179,7 +171,9 @@ def main() -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("precision: skipped: --device cuda, but PyTorch sees no CUDA GPU here. Nothing was measured.")
         return 0
-    if args.device == "cpu" and not native_bf16():
+    from tilesegment.predict import native_cpu_bf16
+
+    if args.device == "cpu" and not native_cpu_bf16():
         print("precision: skipped: this CPU has neither AVX512-BF16 nor AMX, so tileseg refuses --precision bf16 here "
               "(PyTorch would emulate it at 100-350x fp32's time). Nothing was measured.")
         return 0

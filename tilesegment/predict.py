@@ -39,8 +39,9 @@ def model_key(data: bytes, device: str, precision: str = "fp32") -> str:
 
 
 def check_precision(precision: str, device: str, on_this_machine: bool = False) -> None:
-    """Refuse a precision the device cannot run; ``on_this_machine``: the network will run here (an
-    embedded cluster), so this CPU's instructions count too (each worker checks its own as well)."""
+    """Refuse a precision the device cannot run; ``on_this_machine``: the network will run in this
+    process's machine (a worker's predictor; a client before its embedded cluster starts), so this
+    CPU's instructions count too."""
     from .errors import OptionError
 
     if precision not in PRECISIONS:
@@ -49,8 +50,9 @@ def check_precision(precision: str, device: str, on_this_machine: bool = False) 
         raise OptionError("--precision fp16 needs a GPU (PyTorch has no float16 3D convolutions on the CPU).", "Use --precision bf16 on a CPU, or --device cuda.")
     if precision == "tf32" and not device.startswith("cuda"):
         raise OptionError("--precision tf32 needs an NVIDIA GPU (TF32 is a tensor-core format of Ampere and later).", "Use --precision fp32 or bf16 on a CPU, or --device cuda.")
-    if on_this_machine and device == "cpu":
-        _refuse_emulated_bf16(torch.device("cpu"), precision)
+    if on_this_machine and precision == "bf16" and device == "cpu" and not native_cpu_bf16():
+        raise OptionError("--precision bf16 on a CPU without AVX512-BF16 or AMX: PyTorch emulates bf16 there, "
+                          "and the network takes 100-350x fp32's time.", "Use --precision fp32 (the default) on this CPU, or bf16 on a GPU.")
 
 
 def native_cpu_bf16() -> bool:
@@ -63,15 +65,6 @@ def native_cpu_bf16() -> bool:
         return bool(check()) if check is not None else True
     except Exception:
         return True
-
-
-def _refuse_emulated_bf16(device: torch.device, precision: str) -> None:
-    """Called where the network runs (each worker: its CPU is the one that counts)."""
-    from .errors import OptionError
-
-    if device.type == "cpu" and precision == "bf16" and not native_cpu_bf16():
-        raise OptionError("--precision bf16 on a CPU without AVX512-BF16 or AMX: PyTorch emulates bf16 there, "
-                          "and the network takes 100-350x fp32's time.", "Use --precision fp32 (the default) on this CPU, or bf16 on a GPU.")
 
 
 @contextlib.contextmanager
@@ -123,7 +116,7 @@ class Predictor:
 
     def __init__(self, data: bytes, device: str = "cpu", precision: str = "fp32") -> None:
         self.device = resolve_device(device)
-        _refuse_emulated_bf16(self.device, precision)
+        check_precision(precision, str(self.device), on_this_machine=True)  # this worker's device and CPU
         # on a GPU, cuDNN's heuristics choose the convolution algorithms (torch.backends.cudnn.benchmark
         # is left off): timing them for each shape can choose differently from one run to the next,
         # and a resumed run must give the bytes the stopped one would have (with deterministic
