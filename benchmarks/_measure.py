@@ -637,6 +637,8 @@ def child_segment(params: dict[str, Any]) -> None:
     kwargs = {key: params[key] for key in ("model", "tile", "overlap", "blend", "batch", "device", "workers") if key in params}
     if params.get("precision"):
         kwargs["precision"] = params["precision"]
+    if params.get("threads"):  # torch threads per worker, other than tileseg's share of the cores
+        kwargs["threads"] = int(params["threads"])
     with dask.config.set(config):
         cpu, children = time.process_time(), cpu_of_children()
         started = clock()

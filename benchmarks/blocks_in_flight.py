@@ -2,11 +2,13 @@
 
 On a GPU a worker runs two blocks at once: one block's tiles on the device while the other reads,
 blends and writes. Whether that pays on a CPU, where the network already uses every core, is
-measured here: rounds of (bare network, ``segment()`` with 1 block in flight, ``segment()`` with 2),
-interleaved so that a slow spell of the machine hits all three alike, each in its own process,
-reporting the median and range of each and of the ratios within a round.
+measured here: rounds of (bare network, ``segment()`` with 1 block in flight, ``segment()`` with 2
+as tileseg would run them, with the cores shared among the block threads, i.e. 1 torch thread
+each on 2 cores, and with 2 blocks whose forwards each get every core, the predictor letting one
+forward run at a time), interleaved so that a slow spell of the machine hits every case alike,
+each in its own process, reporting the median and range of each and of the ratios within a round.
 
-    python benchmarks/blocks_in_flight.py                  # 256³, 3 rounds (about 5 minutes on 2 cores)
+    python benchmarks/blocks_in_flight.py                  # 256³, 3 rounds (about 2 minutes on 2 cores)
     python benchmarks/blocks_in_flight.py --size 128 --rounds 2
 
 Writes benchmarks/results/blocks_in_flight.json and .md (the markdown is printed as well).
@@ -29,7 +31,9 @@ from _measure import CHILDREN, child_main, machine_info, machine_line, phases_of
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SETTINGS = {"tile": 64, "overlap": 0.25, "blend": "gaussian", "batch": 4, "device": "cpu", "model": None}
-CASES = {"bare": 0, "1 block in flight": 1, "2 blocks in flight": 2}  # case: blocks in flight (0: the bare network)
+#: case: (blocks in flight (0: the bare network), torch threads (None: tileseg's choice))
+CASES = {"bare": (0, None), "1 block in flight": (1, None), "2 blocks in flight": (2, None),
+         "2 blocks in flight, 2 torch threads each": (2, 2)}
 
 
 def log(message: str) -> None:
@@ -45,10 +49,12 @@ def markdown(result: dict[str, Any]) -> str:
     bare = [r["seconds"] for r in runs["bare"]]
     lines = [f"# Blocks in flight per CPU worker, {size}³", "", f"- Command: `{result['command']}`",
              f"- Machine: {machine_line(result['machine'])}; {result['date']}",
-             f"- {result['settings']['rounds']} rounds of the three cases in turn; default model, tile 64, overlap 0.25, "
+             f"- {result['settings']['rounds']} rounds of the cases in turn; default model, tile 64, overlap 0.25, "
              "gaussian, batch 4, MRC in, OME-Zarr out", "",
              "| case | wall s, median (range) | over bare, same round | CPU s | peak RSS MiB |", "|---|---|---|---|---|"]
     for case in CASES:
+        if case not in runs:  # a results file from before the case existed
+            continue
         seconds = [r["seconds"] for r in runs[case]]
         ratios = [s / b for s, b in zip(seconds, bare)]
         lines.append(f"| {case} | {spread(seconds)} | {spread(ratios, 3)} | {spread([r['cpu_seconds'] for r in runs[case]], 1)} | "
@@ -77,8 +83,9 @@ def main() -> None:
         for round_ in range(args.rounds):
             for case in CASES:
                 params = {**SETTINGS, "input": volume}
-                if CASES[case]:
-                    params.update(output=os.path.join(workdir, "out.zarr"), blocks_in_flight=CASES[case])
+                in_flight, threads = CASES[case]
+                if in_flight:
+                    params.update(output=os.path.join(workdir, "out.zarr"), blocks_in_flight=in_flight, threads=threads)
                 result, peaks = spawn_child(script, "bare" if case == "bare" else "segment", params, workdir)
                 row = {"seconds": result["seconds"], "cpu_seconds": result["cpu_seconds"], "peak_rss_mib": max(peaks["root"], peaks["child"])}
                 if case != "bare":

@@ -214,3 +214,59 @@ def test_cudnn_math_sets_float32_convolutions_and_determinism_for_a_forward_only
             assert (cudnn.conv.fp32_precision, cudnn.deterministic) == ("ieee", False)
     finally:
         cudnn.conv.fp32_precision, cudnn.deterministic = before
+
+
+@pytest.mark.parametrize("device, message", [("cuda:1", r"sees 1 GPU here \(cuda:0 to cuda:0\)"),
+                                             ("cuda:x", "'cuda:x' is not a device"),
+                                             ("gpu", "'gpu' is not a device")])
+def test_a_gpu_this_machine_lacks_is_refused_before_the_model_moves(monkeypatch, device, message):
+    """PyTorch accepts ``cuda:1`` on a one-GPU machine and fails later, in ``model.to``, with a bare
+    RuntimeError; tileseg refuses it with one line. The GPU count is what PyTorch reports, so the
+    check runs here on a pretend one-GPU machine."""
+    from tilesegment.errors import ClusterError
+    from tilesegment.predict import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    assert resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(ClusterError, match=message):
+        resolve_device(device)
+
+
+def test_cudnn_math_lets_one_cuda_forward_at_a_time_hold_the_process_wide_flags():
+    """Two models in one worker process: the second forward waits for the first one's settings to
+    be put back instead of changing them under it."""
+    import threading
+
+    from tilesegment.predict import cudnn_math
+
+    cudnn = torch.backends.cudnn
+    before = cudnn.conv.fp32_precision, cudnn.deterministic
+    inside, second_entered, release = threading.Event(), threading.Event(), threading.Event()
+    seen = []
+
+    def first():
+        with cudnn_math(torch.device("cuda"), "tf32"):
+            inside.set()
+            release.wait(10)
+            seen.append(cudnn.conv.fp32_precision)
+
+    def second():
+        with cudnn_math(torch.device("cuda:0"), "fp32"):
+            second_entered.set()
+
+    try:
+        a = threading.Thread(target=first)
+        a.start()
+        assert inside.wait(10)
+        b = threading.Thread(target=second)
+        b.start()
+        assert not second_entered.wait(0.5), "the second forward changed the flags while the first ran"
+        release.set()
+        a.join(10), b.join(10)
+        assert second_entered.is_set() and seen == ["tf32"]
+        assert (cudnn.conv.fp32_precision, cudnn.deterministic) == before
+    finally:
+        release.set()
+        cudnn.conv.fp32_precision, cudnn.deterministic = before

@@ -34,9 +34,10 @@ __all__ = ["BlockJob", "BlockResult", "process_block", "block_accumulator", "to_
 _progress_hook: Callable[[str, int], None] | None = None
 
 
-#: The threads that write journal records while block chunks are written (one per block in flight;
-#: started at the first submit).
-_STAGER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tileseg-journal")
+#: The threads that write journal records while block chunks are written: one per block in flight
+#: (a thread starts only when every started one is busy, so a CPU worker with one block in flight
+#: uses one or two; 8 leaves room for ``dask worker --nthreads`` up to 8 on a GPU).
+_STAGER = ThreadPoolExecutor(max_workers=8, thread_name_prefix="tileseg-journal")
 
 
 #: Each block thread's accumulator memory, kept for its next block (see :func:`block_accumulator`).

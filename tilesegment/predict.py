@@ -32,6 +32,7 @@ PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.
 
 _PREDICTORS: dict[str, "Predictor"] = {}
 _LOCK = threading.Lock()
+_CUDNN_SETTINGS = threading.Lock()  # held while a CUDA forward runs under cudnn_math's settings
 
 
 def model_key(data: bytes, device: str, precision: str = "fp32") -> str:
@@ -80,27 +81,41 @@ def cudnn_math(device: torch.device, precision: str, deterministic: bool = True)
       (the transposed convolutions' backward-data kernels among them) add with atomics in any order;
       a resumed run must give the bytes the stopped one would have. ``benchmarks/gpu_benchmark.py``
       measures what this costs.
+
+    The flags belong to the process, so CUDA forwards in one process take turns here: two models
+    in one worker (two runs sharing a GPU worker) would otherwise run under each other's settings.
+    A worker drives one GPU, which runs one forward at a time anyway.
     """
     if device.type != "cuda":
         yield
         return
     conv, cudnn = torch.backends.cudnn.conv, torch.backends.cudnn
-    before = conv.fp32_precision, cudnn.deterministic
-    conv.fp32_precision = "tf32" if precision == "tf32" else "ieee"
-    cudnn.deterministic = deterministic
-    try:
-        yield
-    finally:
-        conv.fp32_precision, cudnn.deterministic = before
+    with _CUDNN_SETTINGS:
+        before = conv.fp32_precision, cudnn.deterministic
+        conv.fp32_precision = "tf32" if precision == "tf32" else "ieee"
+        cudnn.deterministic = deterministic
+        try:
+            yield
+        finally:
+            conv.fp32_precision, cudnn.deterministic = before
 
 
 def resolve_device(device: str) -> torch.device:
-    """``cpu``, ``cuda`` or ``cuda:N``; refuse CUDA where there is none."""
+    """``cpu``, ``cuda`` or ``cuda:N``; refuse CUDA where there is none, and a GPU index beyond this machine's
+    (PyTorch would accept it here and fail later, in ``model.to``, with a bare RuntimeError)."""
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ClusterError(f"--device {device} was asked for, but PyTorch sees no CUDA GPU here.",
                                "Use --device cpu, or run on a machine with a GPU and a CUDA build of PyTorch.")
-        return torch.device(device)
+        try:
+            parsed = torch.device(device)
+        except RuntimeError:
+            raise ClusterError(f"--device {device!r} is not a device.", "Use cuda or cuda:N, N a GPU's index (0 for the first).") from None
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise ClusterError(f"--device {device} was asked for, but PyTorch sees {count} GPU{'s' if count != 1 else ''} here "
+                               f"(cuda:0 to cuda:{count - 1}).", "Use --device cuda, or one of those indices.")
+        return parsed
     if device != "cpu":
         raise ClusterError(f"--device {device!r} is not a device.", "Use cpu, cuda or cuda:N.")
     return torch.device("cpu")
