@@ -30,7 +30,7 @@ SEGMENTATION_OPTIONS = [
                       "or bf16/fp16 autocast (faster on GPUs and on CPUs with AVX512-BF16 or AMX; tf32 and fp16 need CUDA)."),
     click.option("--scheduler", default=None, help="Dask scheduler address (tcp://host:8786) or scheduler file; default: an embedded cluster."),
     click.option("--workers", type=int, default=None, help="Workers of the embedded cluster (default: 1 on CPU, one per GPU)."),
-    click.option("--block", default=None, help="Block shape (whole chunks; default: about 2 tiles)."),
+    click.option("--block", default=None, help="Block shape (whole chunks; default: 2-3 tiles of whole strides, 192 for 64³ tiles at overlap 0.25)."),
     click.option("--chunk", default="64", show_default=True, help="Output chunk shape."),
 ]
 PROBABILITY_DTYPE_OPTION = click.option("--probability-dtype", type=click.Choice(["float16", "float32", "uint8"]), default="float16", show_default=True)
@@ -46,15 +46,20 @@ def with_options(*options: Callable[..., Any]) -> Callable[[Callable[..., Any]],
     return apply
 
 
-def parse_shape(value: str | None) -> Any:
+def parse_shape(value: str | None, option: str) -> Any:
+    """``64``, ``32,64,64`` or ``32x64x64`` → an int or a 3-tuple; anything else is the user's
+    mistake, named by ``option`` (an OptionError: one line and exit 2, not a traceback)."""
+    from tilesegment.errors import OptionError
+
     if value is None:
         return None
+    fix = "Give N or Z,Y,X positive integers, e.g. 64 or 32,64,64."
     try:
         parts = [int(v) for v in value.replace("x", ",").split(",") if v.strip()]
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not a size; give N or Z,Y,X (e.g. 64 or 32,64,64).") from None
+        raise OptionError(f"{option} {value!r} is not a size.", fix) from None
     if len(parts) not in (1, 3) or min(parts) < 1:
-        raise click.BadParameter(f"{value!r} is not a size; give N or Z,Y,X of positive integers.")
+        raise OptionError(f"{option} {value!r} is not a size.", fix)
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 

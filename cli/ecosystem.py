@@ -133,8 +133,8 @@ def copick(ctx: click.Context, config: str, run_name: str, voxel_spacing: float,
             bar.write(f"Dask dashboard: {link}", file=sys.stderr)
 
     with bar:
-        result = segment_copick(config, run_name, voxel_spacing, tomo_type, name, tile=parse_shape(tile), block=parse_shape(block),
-                                chunk=parse_shape(chunk), progress=bar.update, on_start=on_start, **options)
+        result = segment_copick(config, run_name, voxel_spacing, tomo_type, name, tile=parse_shape(tile, "--tile"), block=parse_shape(block, "--block"),
+                                chunk=parse_shape(chunk, "--chunk"), progress=bar.update, on_start=on_start, **options)
     if quiet:
         return
     for note in result.notes:

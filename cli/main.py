@@ -65,7 +65,7 @@ def convert(ctx: click.Context, input_path: str, output: str, ngff: str, chunk: 
 
     quiet = ctx.obj["quiet"]
     with tqdm(total=None, unit="vox", unit_scale=True, disable=not show_progress(quiet), desc="convert") as bar:
-        report = run_convert(input_path, output, ngff=ngff, chunk=parse_shape(chunk), shard=parse_shape(shard), levels=levels,
+        report = run_convert(input_path, output, ngff=ngff, chunk=parse_shape(chunk, "--chunk"), shard=parse_shape(shard, "--shard"), levels=levels,
                              overwrite=overwrite, progress=bar.update)
     if as_json:
         echo_json(dataclasses.asdict(report))
@@ -138,7 +138,7 @@ def run(ctx: click.Context, input_path: str, output: str, tile: str, block: str 
       tileseg run tomo.zarr seg.zarr --scheduler tcp://10.0.0.5:8786
       tileseg run tomo.zarr seg.zarr --resume     # after a crash: only unfinished blocks
     """
-    run_segmentation(ctx.obj["quiet"], input_path, output, tile=parse_shape(tile), block=parse_shape(block), chunk=parse_shape(chunk), shard=parse_shape(shard), **options)
+    run_segmentation(ctx.obj["quiet"], input_path, output, tile=parse_shape(tile, "--tile"), block=parse_shape(block, "--block"), chunk=parse_shape(chunk, "--chunk"), shard=parse_shape(shard, "--shard"), **options)
 
 
 @main.command()

@@ -72,7 +72,7 @@ def simulate(ctx: click.Context, output_dir: str, shape: str, voxel_size: float,
     """
     from tilesegment.simulate import SimulationConfig, simulate as run_simulate
 
-    fields = dict(shape=_as_shape3(parse_shape(shape)), voxel_size=voxel_size, target=target, density=density, snr=snr,
+    fields = dict(shape=_as_shape3(parse_shape(shape, "--shape")), voxel_size=voxel_size, target=target, density=density, snr=snr,
                   tilt_range=tilt_range, defocus_um=defocus, voltage_kv=voltage, cs_mm=cs, seed=seed)
     if templates:
         fields["templates"] = _ids(templates)
@@ -137,7 +137,7 @@ def train(ctx: click.Context, output: str, data_dirs: tuple[str, ...], simulate_
     else:
         from tilesegment.simulate import SimulationConfig
 
-        sim = SimulationConfig(shape=_as_shape3(parse_shape(shape)), snr=snr, seed=seed)
+        sim = SimulationConfig(shape=_as_shape3(parse_shape(shape, "--shape")), snr=snr, seed=seed)
         chosen = _ids(templates) or sim.templates
         kinds = tuple(k for k in chosen if k not in (_ids(hold_out) or ()))
         sim = SimulationConfig(shape=sim.shape, snr=snr, templates=kinds, seed=seed)

@@ -85,6 +85,15 @@ def test_bad_input_gets_one_line_and_an_exit_code(tmp_path, small_mrc):
     assert_one_line_error(tileseg("run", small_mrc, out, "--scheduler", "tcp://127.0.0.1:9"), 6, "--scheduler")
     far = write_mrc(tmp_path / "far.mrc", random_volume((24, 24, 24)), voxel=4.0)
     assert_one_line_error(tileseg("run", far, out), 3, "voxel size", "--ignore-voxel-size")
+    assert_one_line_error(tileseg("run", small_mrc, out, "--chunk", "0"), 2, "--chunk '0' is not a size", "32,64,64")
+    assert_one_line_error(tileseg("run", small_mrc, out, "--tile", "16x16"), 2, "--tile '16x16' is not a size")
+    assert_one_line_error(tileseg("convert", small_mrc, out, "--ngff", "0.5", "--shard", "a"), 2, "--shard 'a'")
+    assert_one_line_error(tileseg("simulate", str(tmp_path / "sim"), "--shape", "-8"), 2, "--shape '-8'")
+    assert_one_line_error(tileseg("run", small_mrc, out, "--workers", "0"), 2, "--workers 0 must be at least 1")
+    # a folder that is no Zarr store: the tomograms in it are named
+    os.makedirs(tmp_path / "data")
+    write_mrc(tmp_path / "data" / "tomo_a.mrc", random_volume((8, 8, 8)))
+    assert_one_line_error(tileseg("run", str(tmp_path / "data"), out), 3, "a folder, but not a Zarr store", "tomo_a.mrc")
     assert not os.path.exists(out)  # nothing half-written left behind by refused runs
 
 

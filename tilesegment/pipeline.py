@@ -143,6 +143,8 @@ def segment(
         raise OptionError(f"--blend {blend!r} is not a blending mode.", f"Use one of: {', '.join(BLEND_MODES)}.")
     if batch < 1:
         raise OptionError(f"--batch {batch} must be at least 1.", "Use --batch 1 or more (4-16 on a GPU).")
+    if workers is not None and workers < 1:
+        raise OptionError(f"--workers {workers} must be at least 1.", "Use --workers 1 or more, or leave it out (1 on a CPU, one per GPU).")
     if probability_dtype not in PROBABILITY_DTYPES:
         raise OptionError(f"--probability-dtype {probability_dtype} is not supported.", f"Use one of: {', '.join(PROBABILITY_DTYPES)}.")
     check_precision(precision, device, on_this_machine=scheduler is None and client is None)

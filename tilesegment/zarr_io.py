@@ -251,8 +251,16 @@ def _voxel_size(ome: dict[str, Any], axes_count: int) -> tuple[float, float, flo
         return None
 
 
+_ZARR_METADATA = (".zgroup", ".zarray", "zarr.json")
+
+
 def describe_zarr_input(path: str) -> ZarrInput:
     """Find the volume in a Zarr array or OME-Zarr group, or say clearly why there is none."""
+    if not is_url(path) and os.path.isdir(path) and not any(os.path.exists(os.path.join(path, name)) for name in _ZARR_METADATA):
+        tomograms = sorted(name for name in os.listdir(path) if name.lower().endswith((".mrc", ".rec", ".map", ".st", ".zarr")))
+        hint = (f"It holds {', '.join(tomograms[:4])}{' and more' if len(tomograms) > 4 else ''}: give one of those."
+                if tomograms else "Give an .mrc file, a Zarr array, or an OME-Zarr group (e.g. from 'tileseg convert').")
+        raise InputError(f"{path}: a folder, but not a Zarr store (no .zgroup, .zarray or zarr.json in it).", hint)
     try:
         node = zarr.open(zarr_store(path), mode="r")
     except Exception as exc:
