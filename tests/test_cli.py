@@ -67,6 +67,20 @@ def test_json_summaries_and_verbosity(tmp_path, identity_model):
     assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
 
 
+def test_a_segmentation_given_as_the_tomogram_is_refused(tmp_path, identity_model):
+    """An earlier run's output as INPUT (easy to mix up) would be segmented as if its labels were
+    densities; the group and its arrays are refused, while evaluate and export still read it."""
+    src = write_mrc(tmp_path / "tomo.mrc", random_volume((24, 24, 24)))
+    seg = str(tmp_path / "seg.zarr")
+    assert tileseg("-q", "run", src, seg, "--model", identity_model, "--tile", "16").returncode == 0
+    for given in (seg, f"{seg}/0"):
+        assert_one_line_error(tileseg("run", given, str(tmp_path / "again.zarr"), "--model", identity_model, "--tile", "16"), 3,
+                              "label image", "not a tomogram", "tomo.mrc")
+    assert not os.path.exists(tmp_path / "again.zarr")
+    assert tileseg("-q", "export", seg, str(tmp_path / "seg.mrc")).returncode == 0
+    assert tileseg("-q", "evaluate", seg, str(tmp_path / "seg.mrc")).returncode == 0
+
+
 @pytest.fixture
 def small_mrc(tmp_path):
     return write_mrc(tmp_path / "tomo.mrc", random_volume((24, 24, 24)))

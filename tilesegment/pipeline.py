@@ -74,6 +74,16 @@ def _check_paths(input_path: str, output: str) -> None:
         raise OptionError(f"output {output} contains the input {input_path}; overwriting it would delete the input.", "Choose another output path.")
 
 
+def _check_not_labels(source: VolumeSource) -> None:
+    """A segmentation given as the tomogram (an earlier run's output, say) would be segmented without
+    complaint, its labels normalised as if they were densities."""
+    if source.zarr is None or not source.zarr.label_image:
+        return
+    made = source.zarr.made_from
+    raise InputError(f"{source.path}: an OME-Zarr label image{f' (a segmentation of {made})' if made else ''}, not a tomogram.",
+                     f"Give the tomogram itself{f', {made}' if made else ''}: an MRC file or an OME-Zarr image.")
+
+
 def _check_voxel_size(source: VolumeSource, model_voxel: float, ignore: bool) -> None:
     if source.voxel_size is None:
         log.warning("%s records no voxel size; assuming the model's %.3g Å.", source.path, model_voxel)
@@ -155,6 +165,7 @@ def segment(
         resolve_device(device)  # an embedded cluster's GPU is this machine's
     _check_paths(input_path, output)
     source = open_volume(input_path)
+    _check_not_labels(source)
     decide(output, output_state(output), resume, overwrite)  # fail fast; decided again under the lock
 
     checkpoint = read_checkpoint(model)

@@ -242,6 +242,8 @@ class ZarrInput:
     voxel_size: tuple[float, float, float] | None
     levels: tuple[str, ...]  # all pyramid levels (finest first) when the input is an OME-Zarr group
     origin: tuple[float, float, float] = (0.0, 0.0, 0.0)  # (z, y, x) Å, as 'tileseg convert' kept it from the MRC
+    label_image: bool = False  # an OME-Zarr label image (a segmentation), not an image
+    made_from: str | None = None  # the input a tileseg output records
 
 
 def _voxel_size(ome: dict[str, Any], axes_count: int) -> tuple[float, float, float] | None:
@@ -268,17 +270,22 @@ def describe_zarr_input(path: str) -> ZarrInput:
             raise InputError(f"{path}: cannot be read: {describe_failure(exc)}.", remedy(path, exc)) from None
         raise InputError(f"{path}: not a readable Zarr store ({type(exc).__name__}: {exc}).",
                          "Give an .mrc file, a Zarr array, or an OME-Zarr group (e.g. from 'tileseg convert').") from None
+    attrs: dict[str, Any] = {}  # the image group's (an array's parent's)
     if isinstance(node, zarr.Array):
         array, array_path, levels, voxel, origin = node, path, (path,), None, (0.0, 0.0, 0.0)
         folder = parent(path) if is_url(path) else os.path.dirname(path.rstrip("/"))
         if folder and (is_url(folder) or os.path.exists(folder)):
             try:
-                ome = read_ome_attrs(dict(open_group(folder).attrs))
-                voxel = _voxel_size(ome, array.ndim)
+                attrs = dict(open_group(folder).attrs)
+            except Exception:
+                attrs = {}
+            try:
+                voxel = _voxel_size(read_ome_attrs(attrs), array.ndim)
             except Exception:
                 voxel = None
     else:
-        ome = read_ome_attrs(dict(node.attrs))
+        attrs = dict(node.attrs)
+        ome = read_ome_attrs(attrs)
         if "multiscales" in ome:
             names = [d["path"] for d in ome["multiscales"][0]["datasets"]]
         else:
@@ -297,7 +304,22 @@ def describe_zarr_input(path: str) -> ZarrInput:
                          "Select one channel/time point first, or point INPUT at a 3D array.")
     if array.dtype.kind not in "iuf":
         raise InputError(f"{path}: array dtype {array.dtype} is not numeric.", "Give an integer or float volume.")
-    return ZarrInput(array_path, tuple(int(n) for n in array.shape), array.dtype.str, voxel, levels, origin)  # type: ignore[arg-type]
+    return ZarrInput(array_path, tuple(int(n) for n in array.shape), array.dtype.str, voxel, levels, origin,  # type: ignore[arg-type]
+                     _is_label_image(attrs), _made_from(attrs))
+
+
+def _is_label_image(attrs: dict[str, Any]) -> bool:
+    try:
+        return "image-label" in read_ome_attrs(attrs)
+    except Exception:
+        return False
+
+
+def _made_from(attrs: dict[str, Any]) -> str | None:
+    """The input a tileseg output group records (``tileseg run``'s and ``convert``'s), if any."""
+    ours = attrs.get("tilesegment")
+    source = ours.get("input") if isinstance(ours, dict) else None
+    return str(source) if source else None
 
 
 def _recorded_origin(attrs: dict[str, Any]) -> tuple[float, float, float]:
