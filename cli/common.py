@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 import sys
+import threading
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -88,12 +91,42 @@ def show_progress(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty() and not os.environ.get("CI")
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (a batch system's time limit, ``kill``, a container stopping), raised in the main
+    thread like Ctrl-C, so that a run stops the same way: its blocks cancelled, the stragglers
+    waited for, the output's lock released and the cluster shut down, ready for ``--resume``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum: int, _frame: Any) -> None:
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, _stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = click.get_current_context().find_root().params.get("debug", False)
         try:
-            return func(*args, **kwargs)
+            with _stop_on_sigterm():
+                return func(*args, **kwargs)
+        except Stopped as exc:
+            click.echo(f"tileseg: stopped by {signal.Signals(exc.signum).name} (a stopped 'tileseg run' can be finished with --resume).", err=True)
+            sys.exit(128 + exc.signum)
         except TilesegError as exc:
             if debug:
                 traceback.print_exc()

@@ -77,6 +77,12 @@ def test_a_segmentation_given_as_the_tomogram_is_refused(tmp_path, identity_mode
         assert_one_line_error(tileseg("run", given, str(tmp_path / "again.zarr"), "--model", identity_model, "--tile", "16"), 3,
                               "label image", "not a tomogram", "tomo.mrc")
     assert not os.path.exists(tmp_path / "again.zarr")
+    # an unfinished output has no OME label metadata yet, but says it is tileseg's
+    group = zarr.open_group(seg, mode="r+")
+    complete = dict(group.attrs)
+    group.attrs.put({k: v for k, v in complete.items() if k not in ("image-label", "multiscales")})
+    assert_one_line_error(tileseg("run", seg, str(tmp_path / "again.zarr"), "--model", identity_model, "--tile", "16"), 3, "label image")
+    group.attrs.put(complete)  # as it was, for export and evaluate
     assert tileseg("-q", "export", seg, str(tmp_path / "seg.mrc")).returncode == 0
     assert tileseg("-q", "evaluate", seg, str(tmp_path / "seg.mrc")).returncode == 0
 

@@ -321,6 +321,32 @@ def test_resume_after_sigkill_of_the_whole_run(tmp_path, small_net, client):
 
 
 @pytest.mark.slow
+def test_sigterm_stops_a_run_cleanly_and_it_resumes_to_the_same_output(tmp_path, small_net):
+    """A batch system's time limit or a container's stop sends SIGTERM: the run stops as on Ctrl-C
+    (blocks cancelled, the output's lock released), says so in one line, exits 143 (128 + 15), and
+    --resume finishes it to the bytes an uninterrupted run writes."""
+    src = write_mrc(tmp_path / "big.mrc", random_volume((80, 80, 80), seed=9))
+    out = str(tmp_path / "seg.zarr")
+    options = ["--model", small_net, "--tile", "16", "--chunk", "8", "--block", "16", "--probabilities", "--probability-dtype", "float32"]
+    proc = subprocess.Popen([*TILESEG, "run", src, out, *options], env={**os.environ, "CI": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_blocks(out, 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("Dask dashboard:")]
+    assert lines == ["tileseg: stopped by SIGTERM (a stopped 'tileseg run' can be finished with --resume)."], stderr
+    done = set(BlockJournal(out).done())
+    assert 5 <= len(done) < 5**3, "the run finished before it was stopped; make the volume bigger"
+    result = tileseg("status", out)
+    assert result.returncode == 1 and "no run is writing it" in result.stdout, result.stdout  # the lock was released
+    assert tileseg("run", src, out, *options, "--resume").returncode == 0
+    reference = str(tmp_path / "reference.zarr")
+    assert tileseg("run", src, reference, *options).returncode == 0
+    assert_same_output(out, reference)
+
+
+@pytest.mark.slow
 def test_losing_an_embedded_worker_mid_run_changes_nothing(tmp_path, small_net):
     from distributed import Client, LocalCluster
 

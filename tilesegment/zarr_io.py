@@ -309,6 +309,10 @@ def describe_zarr_input(path: str) -> ZarrInput:
 
 
 def _is_label_image(attrs: dict[str, Any]) -> bool:
+    """An OME-Zarr label image, or a ``tileseg run`` output (which has that metadata only once complete)."""
+    ours = attrs.get("tilesegment")
+    if isinstance(ours, dict) and "run" in ours:
+        return True
     try:
         return "image-label" in read_ome_attrs(attrs)
     except Exception:
