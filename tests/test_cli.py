@@ -87,6 +87,13 @@ def test_a_segmentation_given_as_the_tomogram_is_refused(tmp_path, identity_mode
     assert tileseg("-q", "evaluate", seg, str(tmp_path / "seg.mrc")).returncode == 0
 
 
+def test_a_tilt_series_by_its_name_gets_a_warning(tmp_path, identity_model):
+    src = write_mrc(tmp_path / "TS_01.st", random_volume((24, 24, 24)))
+    result = tileseg("run", src, str(tmp_path / "seg.zarr"), "--model", identity_model, "--tile", "16")
+    assert result.returncode == 0, result.stderr
+    assert "tileseg: WARNING:" in result.stderr and "looks like a tilt series or image stack (.st)" in result.stderr
+
+
 @pytest.fixture
 def small_mrc(tmp_path):
     return write_mrc(tmp_path / "tomo.mrc", random_volume((24, 24, 24)))

@@ -84,6 +84,20 @@ def _check_not_labels(source: VolumeSource) -> None:
                      f"Give the tomogram itself{f', {made}' if made else ''}: an MRC file or an OME-Zarr image.")
 
 
+#: file name endings of projection images, not volumes: IMOD's raw and aligned tilt series, RELION's image stacks
+IMAGE_STACK_SUFFIXES = (".st", ".ali", ".mrcs")
+
+
+def _warn_if_image_stack(source: VolumeSource) -> None:
+    """A tilt series given instead of its reconstruction is an easy mistake that the MRC header
+    cannot reliably tell (many reconstructions have space group 0, as image stacks do), so only the
+    name is trusted, and only for a warning."""
+    suffix = next((s for s in IMAGE_STACK_SUFFIXES if source.path.lower().rstrip("/").endswith(s)), None)
+    if suffix:
+        log.warning("%s looks like a tilt series or image stack (%s), not a tomogram; tileseg segments reconstructed "
+                    "volumes (IMOD's .rec, say), and on projections its labels mean nothing.", source.path, suffix)
+
+
 def _check_voxel_size(source: VolumeSource, model_voxel: float, ignore: bool) -> None:
     if source.voxel_size is None:
         log.warning("%s records no voxel size; assuming the model's %.3g Å.", source.path, model_voxel)
@@ -166,6 +180,7 @@ def segment(
     _check_paths(input_path, output)
     source = open_volume(input_path)
     _check_not_labels(source)
+    _warn_if_image_stack(source)
     decide(output, output_state(output), resume, overwrite)  # fail fast; decided again under the lock
 
     checkpoint = read_checkpoint(model)
