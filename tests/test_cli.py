@@ -117,6 +117,7 @@ def test_bad_input_gets_one_line_and_an_exit_code(tmp_path, small_mrc):
     assert_one_line_error(tileseg("convert", small_mrc, out, "--ngff", "0.5", "--shard", "a"), 2, "--shard 'a'")
     assert_one_line_error(tileseg("simulate", str(tmp_path / "sim"), "--shape", "-8"), 2, "--shape '-8'")
     assert_one_line_error(tileseg("run", small_mrc, out, "--workers", "0"), 2, "--workers 0 must be at least 1")
+    assert_one_line_error(tileseg("convert", small_mrc, out, "--levels", "7"), 2, "--levels 7 is more than a 24×24×24 volume has", "at most 6")
     # a folder that is no Zarr store: the tomograms in it are named
     os.makedirs(tmp_path / "data")
     write_mrc(tmp_path / "data" / "tomo_a.mrc", random_volume((8, 8, 8)))

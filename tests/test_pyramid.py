@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -121,3 +122,17 @@ def test_blocks_writing_their_own_units_build_every_level_exactly_once(volume, u
             stored[level][(Ellipsis, *box.slices())] = values
     for level in range(levels):
         np.testing.assert_array_equal(stored[level], whole[level])
+
+
+@pytest.mark.parametrize("shape, most", [((96, 96, 96), 8), ((1, 1, 1), 1), ((2, 3, 5), 4), ((64, 1024, 1024), 11), ((17, 1, 1), 6)])
+def test_levels_stop_at_the_single_voxel(shape, most):
+    """Every level after the one of a single voxel would be that 1×1×1 array again: refused."""
+    from tilesegment.errors import OptionError
+    from tilesegment.pyramid import auto_levels, check_levels, level_shapes
+
+    assert check_levels(most, shape) == most and level_shapes(shape, most)[-1] == (1, 1, 1)
+    assert most == 1 or level_shapes(shape, most - 1)[-1] != (1, 1, 1)
+    assert check_levels(None, shape) == auto_levels(shape)
+    for bad in (most + 1, 0, -1, True, 2.5):
+        with pytest.raises(OptionError, match="--levels"):
+            check_levels(bad, shape)

@@ -22,7 +22,7 @@ from .errors import OptionError
 from .geometry import Box, Shape, ceil_div
 from .mrc import inspect_mrc, read_mrc_region
 from .ome import multiscales, ome_attrs
-from .pyramid import auto_levels, build_level_region, level_regions, level_shapes, levels_in_blocks, write_block_levels
+from .pyramid import build_level_region, check_levels, level_regions, level_shapes, levels_in_blocks, write_block_levels
 from .storage import basename
 from .zarr_io import create_array, create_group, intensity_compression, output_spec, update_attrs, write_region, write_unit
 
@@ -78,12 +78,10 @@ def convert(
     started = time.perf_counter()
     input_path, output = os.fspath(input_path), os.fspath(output)
     spec = output_spec(ngff, chunk, shard)
-    if levels is not None and (not isinstance(levels, (int, np.integer)) or levels < 1):
-        raise OptionError(f"--levels {levels!r} is not a number of levels.", "Give 1 or more, or leave it out to choose automatically.")
     if threads < 1:
         raise OptionError(f"threads={threads} is not a number of threads.", "Give 1 or more.")
     info = inspect_mrc(input_path)
-    n_levels = int(levels) if levels is not None else auto_levels(info.shape)
+    n_levels = check_levels(levels, info.shape)
     shapes = level_shapes(info.shape, n_levels)
     dtype = np.dtype(info.dtype).newbyteorder("=")
     unit = write_unit(spec)

@@ -29,7 +29,7 @@ from .journal import BlockJournal
 from .lock import OutputLock
 from .output import CONTINUE, CREATE, FINISHED, OutputLayout, check_same_run, create_output, decide, finish_output, output_state
 from .plan import BlockPlan
-from .pyramid import auto_levels, level_shapes
+from .pyramid import check_levels, level_shapes
 from .storage import is_url, normalize
 from .volume import VolumeSource, intensity_statistics, open_volume
 from .zarr_io import output_spec, write_unit
@@ -188,7 +188,7 @@ def segment(
     _check_tile(tile_shape, config.size_multiple, config.architecture)
     _check_voxel_size(source, config.voxel_size, ignore_voxel_size)
     plan = BlockPlan.create(source.shape, tile_shape, overlap, write_unit(spec), block_shape)
-    n_levels = levels or auto_levels(source.shape)
+    n_levels = check_levels(levels, source.shape)
     layout = OutputLayout(ngff, spec, level_shapes(source.shape, n_levels), source.voxel_size or (config.voxel_size,) * 3,
                           _label_names(config), "uint8" if len(config.class_names) <= 255 else "uint16", config.out_channels,
                           probability_dtype if probabilities else None)

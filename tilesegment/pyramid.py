@@ -20,7 +20,7 @@ import numpy as np
 from .geometry import Box, Shape, ceil_div
 from .zarr_io import read_region, region_reader, write_region
 
-__all__ = ["auto_levels", "level_shapes", "downsample", "level_regions", "source_box", "build_level_region", "levels_in_blocks", "write_block_levels",
+__all__ = ["auto_levels", "check_levels", "level_shapes", "downsample", "level_regions", "source_box", "build_level_region", "levels_in_blocks", "write_block_levels",
            "owned_level_box", "owned_levels", "write_owned_levels"]
 
 MIN_LEVEL_SIZE = 16  # stop before any axis of a level would be shorter than this
@@ -33,6 +33,23 @@ def auto_levels(shape: Shape) -> int:
     while levels < MAX_LEVELS and min(ceil_div(n, 2**levels) for n in shape) >= MIN_LEVEL_SIZE:
         levels += 1
     return levels
+
+
+def check_levels(levels: int | None, shape: Shape) -> int:
+    """The levels asked for, or :func:`auto_levels`; refuse a number that is not one, or one past the
+    level of a single voxel (every level after it would be the same 1×1×1 array again)."""
+    from .errors import OptionError
+
+    if levels is None:
+        return auto_levels(shape)
+    if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)) or levels < 1:
+        raise OptionError(f"--levels {levels!r} is not a number of levels.", "Give 1 or more, or leave it out to choose automatically.")
+    most = 1 + max(max(n - 1, 0).bit_length() for n in shape)  # halving until every axis is 1 voxel
+    if levels > most:
+        raise OptionError(f"--levels {levels} is more than a {'×'.join(map(str, shape))} volume has: level {most - 1} is already "
+                          f"{'×'.join(map(str, level_shapes(shape, most)[-1]))}.",
+                          f"Give at most {most}, or leave it out to choose automatically ({auto_levels(shape)} here).")
+    return int(levels)
 
 
 def level_shapes(shape: Shape, levels: int) -> list[Shape]:
