@@ -127,6 +127,9 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except Stopped as exc:
             click.echo(f"tileseg: stopped by {signal.Signals(exc.signum).name} (a stopped 'tileseg run' can be finished with --resume).", err=True)
             sys.exit(128 + exc.signum)
+        except click.ClickException as exc:  # an option the command body found bad (click.BadParameter)
+            click.echo(f"tileseg: error: {exc.format_message()}", err=True)
+            sys.exit(2)
         except TilesegError as exc:
             if debug:
                 traceback.print_exc()

@@ -117,6 +117,9 @@ def test_bad_input_gets_one_line_and_an_exit_code(tmp_path, small_mrc):
     assert_one_line_error(tileseg("convert", small_mrc, out, "--ngff", "0.5", "--shard", "a"), 2, "--shard 'a'")
     assert_one_line_error(tileseg("simulate", str(tmp_path / "sim"), "--shape", "-8"), 2, "--shape '-8'")
     assert_one_line_error(tileseg("run", small_mrc, out, "--workers", "0"), 2, "--workers 0 must be at least 1")
+    # options the command body parses itself (click.BadParameter there): one line too, not an internal error
+    assert_one_line_error(tileseg("train", str(tmp_path / "t.safetensors"), "--simulate", "1", "--channels", "x"), 2, "--channels 'x'")
+    assert_one_line_error(tileseg("preview", str(tmp_path / "nothing.zarr"), str(tmp_path / "p.png"), "--position", "a"), 2, "--position")
     assert_one_line_error(tileseg("convert", small_mrc, out, "--levels", "7"), 2, "--levels 7 is more than a 24×24×24 volume has", "at most 6")
     # a folder that is no Zarr store: the tomograms in it are named
     os.makedirs(tmp_path / "data")
