@@ -120,12 +120,15 @@ def _stop_on_sigterm() -> Iterator[None]:
 def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        debug = click.get_current_context().find_root().params.get("debug", False)
+        context = click.get_current_context()
+        debug = context.find_root().params.get("debug", False)
+        # what a stopped command leaves: a run (or copick's) can be finished, anything else is just stopped
+        after_stop = f" (finish it with 'tileseg {context.info_name} ... --resume')" if context.info_name in ("run", "copick") else ""
         try:
             with _stop_on_sigterm():
                 return func(*args, **kwargs)
         except Stopped as exc:
-            click.echo(f"tileseg: stopped by {signal.Signals(exc.signum).name} (a stopped 'tileseg run' can be finished with --resume).", err=True)
+            click.echo(f"tileseg: stopped by {signal.Signals(exc.signum).name}{after_stop}.", err=True)
             sys.exit(128 + exc.signum)
         except click.ClickException as exc:  # an option the command body found bad (click.BadParameter)
             click.echo(f"tileseg: error: {exc.format_message()}", err=True)
@@ -136,7 +139,7 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(f"tileseg: error: {exc.message}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("tileseg: interrupted (a stopped 'tileseg run' can be finished with --resume).", err=True)
+            click.echo(f"tileseg: interrupted{after_stop}.", err=True)
             sys.exit(130)
         except Exception as exc:  # a bug: say so, in one line, and how to see more
             if debug:

@@ -130,6 +130,8 @@ def train(ctx: click.Context, output: str, data_dirs: tuple[str, ...], simulate_
 
     if os.path.exists(output) and not overwrite:
         raise OutputError(f"{output} already exists.", "Choose another path, or pass --overwrite.")
+    if validation is not None and validation < 1:
+        raise OptionError(f"--validation {validation} must be at least 1.", "Give 1 or more validation tomograms, or leave it out.")
     if bool(data_dirs) == bool(simulate_count):
         raise OptionError("give either --data folders or --simulate N.", "E.g. --simulate 8, or --data sim1 --data sim2.")
     if data_dirs:

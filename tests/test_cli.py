@@ -120,6 +120,11 @@ def test_bad_input_gets_one_line_and_an_exit_code(tmp_path, small_mrc):
     # options the command body parses itself (click.BadParameter there): one line too, not an internal error
     assert_one_line_error(tileseg("train", str(tmp_path / "t.safetensors"), "--simulate", "1", "--channels", "x"), 2, "--channels 'x'")
     assert_one_line_error(tileseg("preview", str(tmp_path / "nothing.zarr"), str(tmp_path / "p.png"), "--position", "a"), 2, "--position")
+    model = str(tmp_path / "m.safetensors")
+    assert_one_line_error(tileseg("train", model, "--simulate", "1", "--steps", "0"), 2, "--steps 0 must be at least 1")
+    assert_one_line_error(tileseg("train", model, "--simulate", "1", "--validation", "0"), 2, "--validation 0 must be at least 1")
+    assert_one_line_error(tileseg("train", model, "--simulate", "1", "--shape", "32", "--crop", "64"), 2,
+                          "--crop 64 is larger than every training tomogram", "--crop 32")
     assert_one_line_error(tileseg("convert", small_mrc, out, "--levels", "7"), 2, "--levels 7 is more than a 24×24×24 volume has", "at most 6")
     # a folder that is no Zarr store: the tomograms in it are named
     os.makedirs(tmp_path / "data")

@@ -335,7 +335,7 @@ def test_sigterm_stops_a_run_cleanly_and_it_resumes_to_the_same_output(tmp_path,
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
     lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("Dask dashboard:")]
-    assert lines == ["tileseg: stopped by SIGTERM (a stopped 'tileseg run' can be finished with --resume)."], stderr
+    assert lines == ["tileseg: stopped by SIGTERM (finish it with 'tileseg run ... --resume')."], stderr
     done = set(BlockJournal(out).done())
     assert 5 <= len(done) < 5**3, "the run finished before it was stopped; make the volume bigger"
     result = tileseg("status", out)

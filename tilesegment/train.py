@@ -62,9 +62,10 @@ class TrainConfig:
         multiple = ModelConfig(architecture=self.architecture).size_multiple
         if self.crop % multiple or self.crop < 2 * multiple:
             raise OptionError(f"--crop {self.crop} does not fit {self.architecture}.", f"Use a multiple of {multiple}, at least {2 * multiple}.")
-        for name in ("batch", "max_steps", "validate_every", "validation_crops", "patience"):
+        for name, option in (("batch", "--batch"), ("max_steps", "--steps"), ("validate_every", "--validate-every"),
+                             ("validation_crops", "validation_crops"), ("patience", "--patience")):
             if getattr(self, name) < 1:
-                raise OptionError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1.", "Give a positive number.")
+                raise OptionError(f"{option} {getattr(self, name)} must be at least 1.", "Give a positive number.")
         if not self.learning_rate > 0:
             raise OptionError(f"--lr {self.learning_rate} must be positive.", "Try 1e-3.")
 
@@ -169,6 +170,10 @@ def train(
     config.check()
     if not train_volumes or not validation_volumes:
         raise OptionError("training needs at least one training and one validation tomogram.", "Give more data (or --simulate 2 or more).")
+    largest = max(max(v.tomogram.shape) for v in train_volumes)
+    if config.crop > largest:  # smaller volumes are padded to the crop, but these crops would be mostly padding
+        raise OptionError(f"--crop {config.crop} is larger than every training tomogram (the longest edge is {largest} voxels).",
+                          f"Use --crop {largest} or less (the default is {TrainConfig.crop}).")
     started = time.perf_counter()
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
