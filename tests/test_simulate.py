@@ -321,3 +321,21 @@ def test_output_path_that_is_a_file_is_an_output_error(tmp_path):
     (tmp_path / "taken").write_text("x")
     with pytest.raises(OutputError):
         simulate(tmp_path / "taken", small(shape=16))
+
+
+def test_a_simulation_this_machine_cannot_hold_is_refused_before_it_starts(tmp_path, monkeypatch):
+    """Out of core the label map stays in memory (1 byte per voxel) and the disk takes 9 bytes per
+    voxel: a shape past either is refused at once, and leaves no folder behind."""
+    out = tmp_path / "new" / "sim"
+    with pytest.raises(OptionError, match=r"--shape 10000×10000×10000 needs about 931.\d GiB of memory"):
+        simulate(out, SimulationConfig(shape=(10000, 10000, 10000)))  # more than any machine here has
+    assert not (tmp_path / "new").exists()
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(sim_module, "_memory_available", lambda: 64 * 2**30)  # a machine with room in memory, not on disk
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**40 - 2**30, 2**30))
+    with pytest.raises(OutputError, match=r"needs about 8.4 GiB of disk .* but 1.0 GiB is free"):
+        simulate(out, SimulationConfig(shape=(1000, 1000, 1000)))
+    assert not (tmp_path / "new").exists()

@@ -34,6 +34,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -286,6 +287,42 @@ def _write_json(path: Path, config: SimulationConfig, particles: list[dict], den
     return counts
 
 
+#: out of core, per voxel: the uint8 label map in memory; on disk the float32 tomogram, the int8
+#: labels and the float32 scratch file of the slab-by-slab FFT (see :mod:`tilesegment.simulate_large`)
+OUT_OF_CORE_MEMORY_BYTES, OUT_OF_CORE_DISK_BYTES = 1, 4 + 1 + 4
+
+
+def _check_room(shape: Shape, output_dir: Path) -> None:
+    """Refuse, before placing a single particle, a simulation this machine cannot hold: hours of
+    placement would otherwise end in a MemoryError or a full disk."""
+    voxels = math.prod(shape)
+    memory = voxels * OUT_OF_CORE_MEMORY_BYTES + 40 * SLAB_VOXELS  # a few slabs at peak
+    available = _memory_available()
+    size = "×".join(map(str, shape))
+    if available is not None and memory > available:
+        raise OptionError(f"--shape {size} needs about {memory / 2**30:.1f} GiB of memory (its label map), "
+                          f"but {available / 2**30:.1f} GiB is available.", "Simulate a smaller --shape, or on a machine with more memory.")
+    where = output_dir.absolute()
+    while not where.exists() and where != where.parent:  # the folder may not exist yet
+        where = where.parent
+    disk, free = voxels * OUT_OF_CORE_DISK_BYTES, shutil.disk_usage(where).free
+    if disk > free:
+        raise OutputError(f"--shape {size} needs about {disk / 2**30:.1f} GiB of disk in {output_dir} (tomogram, labels and "
+                          f"scratch), but {free / 2**30:.1f} GiB is free.", "Simulate a smaller --shape, or write it where there is room.")
+
+
+def _memory_available() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (Linux); None where there is no such file."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _write_mrc(path: Path, data: np.ndarray, voxel_size: float) -> None:
     import mrcfile
 
@@ -302,8 +339,10 @@ def simulate(output_dir: str | os.PathLike, config: SimulationConfig | None = No
     Existing files are an OutputError unless ``overwrite``.
     """
     config = config if config is not None else SimulationConfig()
-    paths = _output_paths(output_dir, overwrite)
     out_of_core = max(config.shape) > IN_MEMORY_LIMIT
+    if out_of_core:
+        _check_room(config.shape, Path(output_dir))
+    paths = _output_paths(output_dir, overwrite)
     if out_of_core:
         particles, density, signal_variance, noise_variance = simulate_out_of_core(config, paths, SLAB_VOXELS)
     else:
