@@ -203,10 +203,39 @@ def test_a_block_whose_chunks_fail_to_write_leaves_no_record(tmp_path, tomogram,
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(blocks, "write_region", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OutputError, match=f"cannot write {out}: no space is left on the device.*--resume"):  # the user's to fix
         process_block(job, index)
     assert job.journal.counts(index) is None
     assert not os.path.exists(job.journal.directory) or not os.listdir(job.journal.directory)
+
+
+def test_write_failures_say_what_to_fix():
+    import errno
+
+    from tilesegment.storage import write_failure
+
+    quota = write_failure("/data/seg.zarr", OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert isinstance(quota, OutputError) and quota.exit_code == 5
+    assert quota.message.startswith("cannot write /data/seg.zarr: the disk quota is exceeded. Free space")
+    store = write_failure("s3://bucket/seg.zarr", PermissionError("Access Denied"))
+    assert "access was denied (Access Denied)" in store.message and "AWS_ACCESS_KEY_ID" in store.message and "--resume" in store.message
+
+
+@pytest.mark.slow
+def test_a_block_that_fails_on_a_worker_is_said_in_one_line(tmp_path, small_net):
+    """Dask logs a failed task with its arguments and a traceback; at tileseg's usual verbosity the
+    client's one line is all the user sees, from an in-process worker and from worker processes
+    alike (a NaN between the voxels that the intensity statistics sample, every second one at
+    256³, is found by the first block, which reads it)."""
+    volume = random_volume((256, 256, 256), seed=3)
+    volume[1, 1, 1] = np.nan
+    tomo = write_mrc(tmp_path / "tomo.mrc", volume)
+    for workers in ("1", "2"):
+        result = tileseg("run", tomo, str(tmp_path / f"seg{workers}.zarr"), "--model", small_net, "--tile", "16", "--workers", workers)
+        lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("Dask dashboard:")]
+        assert result.returncode == 3 and len(lines) == 1 and "NaN or infinite voxels in region [0:" in lines[0], result.stderr
+    verbose = tileseg("-vv", "run", tomo, str(tmp_path / "seg3.zarr"), "--model", small_net, "--tile", "16")
+    assert "Compute Failed" in verbose.stderr  # Dask's own record, at -vv
 
 
 def test_a_failed_run_is_incomplete_refused_and_resumed_to_the_same_output(tmp_path, small_net, client, reference, tomogram,

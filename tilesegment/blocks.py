@@ -26,6 +26,7 @@ from .geometry import Box, Shape
 from .journal import BlockJournal
 from .plan import BlockPlan, batches
 from .pyramid import write_owned_levels
+from .storage import write_failure
 from .volume import VolumeSource, read_volume
 from .zarr_io import write_region
 
@@ -204,15 +205,18 @@ def process_block(job: BlockJob, index: Sequence[int], *_neighbours: BlockResult
     # made visible only once every chunk is written, so its presence still proves the block done
     staging = _STAGER.submit(journal.stage, index, (result.tiles_forwarded, result.voxels_written, result.foreground_voxels), pieces)
     try:
-        write_region(job.labels_path, region, labels)
-        write_owned_levels((job.labels_path, *job.label_levels), region, labels, "nearest", plan.volume, plan.chunk)
-        if job.probabilities_path:
-            probabilities = to_probability_dtype(normalise(sums, weights, job.channels), job.probability_dtype)
-            write_region(job.probabilities_path, region, probabilities)
-            write_owned_levels((job.probabilities_path, *job.probability_levels), region, probabilities, "mean", plan.volume, plan.chunk)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            staging.result().discard()
-        raise
-    staging.result().commit()
+        try:
+            write_region(job.labels_path, region, labels)
+            write_owned_levels((job.labels_path, *job.label_levels), region, labels, "nearest", plan.volume, plan.chunk)
+            if job.probabilities_path:
+                probabilities = to_probability_dtype(normalise(sums, weights, job.channels), job.probability_dtype)
+                write_region(job.probabilities_path, region, probabilities)
+                write_owned_levels((job.probabilities_path, *job.probability_levels), region, probabilities, "mean", plan.volume, plan.chunk)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                staging.result().discard()
+            raise
+        staging.result().commit()
+    except OSError as exc:  # a full disk or a refusing store: the user's to fix, and the run's to resume
+        raise write_failure(journal.output, exc) from None
     return result

@@ -61,16 +61,41 @@ EMBEDDED_CONFIG = {
 }
 
 
+class QuietTaskFailures(logging.Filter):
+    """Drops Dask's "Compute Failed" record (the task, its arguments and a traceback, many lines):
+    a failed block's error reaches the client, which says it in one line. Installed on the
+    workers of an embedded cluster only (an external cluster's logs are its operator's), and not
+    at ``-vv``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Compute Failed")
+
+
+def quiet_task_failures(quiet: bool = True) -> None:
+    """Install :class:`QuietTaskFailures` on Dask's worker logger in this process, once; or take it
+    away again (an embedded cluster's worker in the client's own process, after the run)."""
+    worker_log = logging.getLogger("distributed.worker")
+    for existing in [f for f in worker_log.filters if isinstance(f, QuietTaskFailures)]:
+        worker_log.removeFilter(existing)
+    if quiet:
+        worker_log.addFilter(QuietTaskFailures())
+
+
 class ModelPlugin(WorkerPlugin):
     """Loads the model once in every worker process (and in workers that join later)."""
 
     name = "tilesegment-model"
 
-    def __init__(self, key: str, data: bytes, device: str, threads: int | None, precision: str = "fp32") -> None:
+    def __init__(self, key: str, data: bytes, device: str, threads: int | None, precision: str = "fp32",
+                 quiet_failures: bool = False) -> None:
         self.key, self.data, self.device, self.threads, self.precision = key, data, device, threads, precision
+        self.quiet_failures = quiet_failures
 
     def setup(self, worker: Any) -> None:
         from .predict import install_predictor
+
+        if self.quiet_failures:
+            quiet_task_failures()
 
         device = self.device
         if device == "cuda" and isinstance(worker.name, int):
@@ -144,9 +169,11 @@ def dashboard_link(client: Client) -> str | None:
         return None
 
 
-def install_model(client: Client, key: str, data: bytes, device: str, threads: int | None, precision: str = "fp32") -> None:
-    """Register the model plugin and wait until every current worker has loaded the model."""
-    plugin = ModelPlugin(key, data, device, threads, precision)
+def install_model(client: Client, key: str, data: bytes, device: str, threads: int | None, precision: str = "fp32",
+                  quiet_failures: bool = False) -> None:
+    """Register the model plugin and wait until every current worker has loaded the model
+    (``quiet_failures``: see :class:`QuietTaskFailures`)."""
+    plugin = ModelPlugin(key, data, device, threads, precision, quiet_failures)
     try:
         client.register_plugin(plugin, name=f"{ModelPlugin.name}-{key}")
     except Exception as exc:

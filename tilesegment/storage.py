@@ -13,13 +13,14 @@ existence are read while other processes write them, and a stale listing would h
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import re
 from typing import Any
 
 __all__ = ["is_url", "filesystem", "exists", "isdir", "join", "parent", "basename", "normalize", "zarr_store",
-           "storage_options", "describe_failure", "remedy"]
+           "storage_options", "describe_failure", "remedy", "write_failure"]
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
@@ -142,3 +143,19 @@ def remedy(path: str, exc: BaseException | None = None) -> str:
         return ("Check the bucket and key, the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and, "
                 "for a non-AWS store, the endpoint (AWS_ENDPOINT_URL or FSSPEC_S3_ENDPOINT_URL).")
     return "Check the URL, the credentials and the endpoint (fsspec's configuration or the store's usual environment variables)."
+
+
+#: what a full or closed local file system says, in words
+_WRITE_ERRNOS = {errno.ENOSPC: "no space is left on the device", errno.EDQUOT: "the disk quota is exceeded",
+                 errno.EROFS: "the file system is read-only", errno.EACCES: "permission was denied"}
+
+
+def write_failure(output: str, exc: OSError) -> Exception:
+    """The one-line error for a run whose chunks or journal records could not be written to
+    ``output`` (a full disk, an exceeded quota, a store refusing the write): what the blocks
+    already wrote is kept, so the run can be finished where it stopped."""
+    from .errors import OutputError
+
+    reason = _WRITE_ERRNOS.get(exc.errno or -1) or describe_failure(exc)
+    fix = remedy(output, exc) + " " if is_url(output) else "Free space (or fix the permissions), or choose another output; "
+    return OutputError(f"cannot write {output}: {reason}.", fix + "then finish the run with --resume (the blocks already written are kept).")
