@@ -117,6 +117,10 @@ def _stop_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, before)
 
 
+#: the parameters that name what a command writes, most specific first (export reads OUTPUT.zarr and writes MASK.mrc)
+WRITTEN = ("mask", "png", "output_dir", "output")
+
+
 def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -141,8 +145,15 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             click.echo(f"tileseg: interrupted{after_stop}.", err=True)
             sys.exit(130)
-        except Exception as exc:  # a bug: say so, in one line, and how to see more
-            if debug:
+        except Exception as exc:
+            from tilesegment.storage import is_write_failure, write_failure
+
+            if is_write_failure(exc):  # a full disk or a read-only place, wherever it was met
+                written = exc.filename or next((context.params[name] for name in WRITTEN if context.params.get(name)), "the output")  # type: ignore[attr-defined]
+                failure = write_failure(str(written), exc, resumable=bool(after_stop))
+                click.echo(f"tileseg: error: {failure.message}", err=True)
+                sys.exit(failure.exit_code)
+            if debug:  # a bug: say so, in one line, and how to see more
                 traceback.print_exc()
             click.echo(f"tileseg: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback, and please report it).", err=True)
             sys.exit(EXIT_INTERNAL)

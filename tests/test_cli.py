@@ -94,6 +94,45 @@ def test_a_tilt_series_by_its_name_gets_a_warning(tmp_path, identity_model):
     assert "tileseg: WARNING:" in result.stderr and "looks like a tilt series or image stack (.st)" in result.stderr
 
 
+def test_a_full_disk_met_anywhere_is_one_line_naming_what_was_written():
+    """Commands whose own code does not map a write failure (convert, export, simulate) still say it
+    in one line with exit 5; --resume is offered only where a run can be resumed."""
+    import errno
+
+    import click
+    from click.testing import CliRunner
+
+    from tilesegment.cli.common import handle_errors
+
+    @click.command()
+    @click.argument("output_dir")
+    @handle_errors
+    def writes(output_dir):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    @click.command("run")
+    @click.argument("output")
+    @handle_errors
+    def run(output):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded", f"{output}/0/0.0.0")
+
+    result = CliRunner().invoke(writes, ["/data/sim"])
+    assert result.exit_code == 5 and result.output.strip().splitlines() == [
+        "tileseg: error: cannot write /data/sim: no space is left on the device. Free space (or fix the permissions), or choose another output."]
+    result = CliRunner().invoke(run, ["/data/seg.zarr"])
+    assert result.exit_code == 5 and "cannot write /data/seg.zarr/0/0.0.0: the disk quota is exceeded" in result.output
+    assert "--resume" in result.output
+
+
+def test_an_unfinished_convert_is_refused_as_input(tmp_path, small_mrc, identity_model):
+    tomo = str(tmp_path / "tomo.zarr")
+    assert tileseg("-q", "convert", small_mrc, tomo).returncode == 0
+    group = zarr.open_group(tomo, mode="r+")
+    group.attrs["tilesegment"] = {**group.attrs["tilesegment"], "status": "incomplete"}  # as a stopped convert leaves it
+    assert_one_line_error(tileseg("run", tomo, str(tmp_path / "seg.zarr"), "--model", identity_model, "--tile", "16"), 3,
+                          "an unfinished 'tileseg convert' of tomo.mrc", "--overwrite")
+
+
 @pytest.fixture
 def small_mrc(tmp_path):
     return write_mrc(tmp_path / "tomo.mrc", random_volume((24, 24, 24)))

@@ -339,3 +339,23 @@ def test_a_simulation_this_machine_cannot_hold_is_refused_before_it_starts(tmp_p
     with pytest.raises(OutputError, match=r"needs about 8.4 GiB of disk .* but 1.0 GiB is free"):
         simulate(out, SimulationConfig(shape=(1000, 1000, 1000)))
     assert not (tmp_path / "new").exists()
+
+
+def test_a_simulation_that_fails_midway_leaves_no_files(tmp_path, monkeypatch):
+    """A full disk while the labels are written: the tomogram already written goes too, so no
+    half-made simulation looks like a whole one."""
+    import errno
+
+    written = []
+    real = sim_module._write_mrc
+
+    def second_fails(path, data, voxel_size):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(path)
+        real(path, data, voxel_size)
+
+    monkeypatch.setattr(sim_module, "_write_mrc", second_fails)
+    with pytest.raises(OSError, match="No space"):
+        simulate(tmp_path / "sim", SimulationConfig(shape=(32, 32, 32), seed=1))
+    assert written and list((tmp_path / "sim").iterdir()) == []

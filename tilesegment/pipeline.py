@@ -74,12 +74,18 @@ def _check_paths(input_path: str, output: str) -> None:
         raise OptionError(f"output {output} contains the input {input_path}; overwriting it would delete the input.", "Choose another output path.")
 
 
-def _check_not_labels(source: VolumeSource) -> None:
+def _check_is_a_tomogram(source: VolumeSource) -> None:
     """A segmentation given as the tomogram (an earlier run's output, say) would be segmented without
-    complaint, its labels normalised as if they were densities."""
-    if source.zarr is None or not source.zarr.label_image:
+    complaint, its labels normalised as if they were densities; an unfinished convert, its unwritten
+    chunks read as zeros."""
+    if source.zarr is None:
         return
     made = source.zarr.made_from
+    if not source.zarr.label_image and source.zarr.status == "incomplete":  # a stopped or failed 'tileseg convert'
+        raise InputError(f"{source.path}: an unfinished 'tileseg convert'{f' of {made}' if made else ''} (its status is incomplete): "
+                         "parts of it were never written.", f"Convert it again{f' from {made}' if made else ''}, with --overwrite.")
+    if not source.zarr.label_image:
+        return
     raise InputError(f"{source.path}: an OME-Zarr label image{f' (a segmentation of {made})' if made else ''}, not a tomogram.",
                      f"Give the tomogram itself{f', {made}' if made else ''}: an MRC file or an OME-Zarr image.")
 
@@ -179,7 +185,7 @@ def segment(
         resolve_device(device)  # an embedded cluster's GPU is this machine's
     _check_paths(input_path, output)
     source = open_volume(input_path)
-    _check_not_labels(source)
+    _check_is_a_tomogram(source)
     _warn_if_image_stack(source)
     decide(output, output_state(output), resume, overwrite)  # fail fast; decided again under the lock
 

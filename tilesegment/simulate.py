@@ -343,13 +343,18 @@ def simulate(output_dir: str | os.PathLike, config: SimulationConfig | None = No
     if out_of_core:
         _check_room(config.shape, Path(output_dir))
     paths = _output_paths(output_dir, overwrite)
-    if out_of_core:
-        particles, density, signal_variance, noise_variance = simulate_out_of_core(config, paths, SLAB_VOXELS)
-    else:
-        sim = simulate_volume(config)
-        _write_mrc(paths["tomogram"], sim.tomogram, config.voxel_size)
-        _write_mrc(paths["labels"], sim.labels.view(np.int8), config.voxel_size)
-        particles, density, signal_variance, noise_variance = sim.particles, sim.density, sim.signal_variance, sim.noise_variance
-    counts = _write_json(paths["particles"], config, particles, density, signal_variance, noise_variance, out_of_core)
+    try:
+        if out_of_core:
+            particles, density, signal_variance, noise_variance = simulate_out_of_core(config, paths, SLAB_VOXELS)
+        else:
+            sim = simulate_volume(config)
+            _write_mrc(paths["tomogram"], sim.tomogram, config.voxel_size)
+            _write_mrc(paths["labels"], sim.labels.view(np.int8), config.voxel_size)
+            particles, density, signal_variance, noise_variance = sim.particles, sim.density, sim.signal_variance, sim.noise_variance
+        counts = _write_json(paths["particles"], config, particles, density, signal_variance, noise_variance, out_of_core)
+    except BaseException:  # a full disk or Ctrl-C: no half-written tomogram that looks like a whole one
+        for path in paths.values():
+            path.unlink(missing_ok=True)
+        raise
     return SimulationReport(str(Path(output_dir)), str(paths["tomogram"]), str(paths["labels"]), str(paths["particles"]),
                             config.shape, config.voxel_size, len(particles), counts, density, out_of_core)

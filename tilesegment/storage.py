@@ -20,7 +20,7 @@ import re
 from typing import Any
 
 __all__ = ["is_url", "filesystem", "exists", "isdir", "join", "parent", "basename", "normalize", "zarr_store",
-           "storage_options", "describe_failure", "remedy", "write_failure"]
+           "storage_options", "describe_failure", "remedy", "is_write_failure", "write_failure"]
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
@@ -150,12 +150,18 @@ _WRITE_ERRNOS = {errno.ENOSPC: "no space is left on the device", errno.EDQUOT: "
                  errno.EROFS: "the file system is read-only", errno.EACCES: "permission was denied"}
 
 
-def write_failure(output: str, exc: OSError) -> Exception:
-    """The one-line error for a run whose chunks or journal records could not be written to
-    ``output`` (a full disk, an exceeded quota, a store refusing the write): what the blocks
-    already wrote is kept, so the run can be finished where it stopped."""
+def is_write_failure(exc: BaseException) -> bool:
+    """A full disk, an exceeded quota, a read-only file system or a permission refused."""
+    return isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS
+
+
+def write_failure(output: str, exc: OSError, resumable: bool = True) -> Exception:
+    """The one-line error for an output that could not be written (a full disk, an exceeded quota,
+    a store refusing the write); ``resumable``: a run's blocks already written are kept, so the run
+    can be finished where it stopped."""
     from .errors import OutputError
 
     reason = _WRITE_ERRNOS.get(exc.errno or -1) or describe_failure(exc)
-    fix = remedy(output, exc) + " " if is_url(output) else "Free space (or fix the permissions), or choose another output; "
-    return OutputError(f"cannot write {output}: {reason}.", fix + "then finish the run with --resume (the blocks already written are kept).")
+    fix = remedy(output, exc) if is_url(output) else "Free space (or fix the permissions), or choose another output"
+    then = "; then finish the run with --resume (the blocks already written are kept)." if resumable else "."
+    return OutputError(f"cannot write {output}: {reason}.", fix.rstrip(".") + then)

@@ -244,6 +244,7 @@ class ZarrInput:
     origin: tuple[float, float, float] = (0.0, 0.0, 0.0)  # (z, y, x) Å, as 'tileseg convert' kept it from the MRC
     label_image: bool = False  # an OME-Zarr label image (a segmentation), not an image
     made_from: str | None = None  # the input a tileseg output records
+    status: str | None = None  # a tileseg output's 'complete' or 'incomplete' (None: not tileseg's)
 
 
 def _voxel_size(ome: dict[str, Any], axes_count: int) -> tuple[float, float, float] | None:
@@ -305,7 +306,7 @@ def describe_zarr_input(path: str) -> ZarrInput:
     if array.dtype.kind not in "iuf":
         raise InputError(f"{path}: array dtype {array.dtype} is not numeric.", "Give an integer or float volume.")
     return ZarrInput(array_path, tuple(int(n) for n in array.shape), array.dtype.str, voxel, levels, origin,  # type: ignore[arg-type]
-                     _is_label_image(attrs), _made_from(attrs))
+                     _is_label_image(attrs), _made_from(attrs), _status(attrs))
 
 
 def _is_label_image(attrs: dict[str, Any]) -> bool:
@@ -319,10 +320,16 @@ def _is_label_image(attrs: dict[str, Any]) -> bool:
         return False
 
 
+def _status(attrs: dict[str, Any]) -> str | None:
+    ours = attrs.get("tilesegment")
+    status = ours.get("status") if isinstance(ours, dict) else None
+    return str(status) if status else None
+
+
 def _made_from(attrs: dict[str, Any]) -> str | None:
     """The input a tileseg output group records (``tileseg run``'s and ``convert``'s), if any."""
     ours = attrs.get("tilesegment")
-    source = ours.get("input") if isinstance(ours, dict) else None
+    source = (ours.get("input") or ours.get("source")) if isinstance(ours, dict) else None  # run's, convert's
     return str(source) if source else None
 
 
