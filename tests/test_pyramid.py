@@ -128,9 +128,9 @@ def test_blocks_writing_their_own_units_build_every_level_exactly_once(volume, u
 def test_levels_stop_at_the_single_voxel(shape, most):
     """Every level after the one of a single voxel would be that 1×1×1 array again: refused."""
     from tilesegment.errors import OptionError
-    from tilesegment.pyramid import auto_levels, check_levels, level_shapes
+    from tilesegment.pyramid import auto_levels, check_levels, level_shapes, most_levels
 
-    assert check_levels(most, shape) == most and level_shapes(shape, most)[-1] == (1, 1, 1)
+    assert most_levels(shape) == most and check_levels(most, shape) == most and level_shapes(shape, most)[-1] == (1, 1, 1)
     assert most == 1 or level_shapes(shape, most - 1)[-1] != (1, 1, 1)
     assert check_levels(None, shape) == auto_levels(shape)
     for bad in (most + 1, 0, -1, True, 2.5):

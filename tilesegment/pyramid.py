@@ -20,7 +20,7 @@ import numpy as np
 from .geometry import Box, Shape, ceil_div
 from .zarr_io import read_region, region_reader, write_region
 
-__all__ = ["auto_levels", "check_levels", "level_shapes", "downsample", "level_regions", "source_box", "build_level_region", "levels_in_blocks", "write_block_levels",
+__all__ = ["auto_levels", "check_levels", "most_levels", "level_shapes", "downsample", "level_regions", "source_box", "build_level_region", "levels_in_blocks", "write_block_levels",
            "owned_level_box", "owned_levels", "write_owned_levels"]
 
 MIN_LEVEL_SIZE = 16  # stop before any axis of a level would be shorter than this
@@ -35,6 +35,11 @@ def auto_levels(shape: Shape) -> int:
     return levels
 
 
+def most_levels(shape: Shape) -> int:
+    """Levels up to and including the first of a single voxel (halving, rounded up, every axis)."""
+    return 1 + max(max(n - 1, 0).bit_length() for n in shape)
+
+
 def check_levels(levels: int | None, shape: Shape) -> int:
     """The levels asked for, or :func:`auto_levels`; refuse a number that is not one, or one past the
     level of a single voxel (every level after it would be the same 1×1×1 array again)."""
@@ -44,7 +49,7 @@ def check_levels(levels: int | None, shape: Shape) -> int:
         return auto_levels(shape)
     if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)) or levels < 1:
         raise OptionError(f"--levels {levels!r} is not a number of levels.", "Give 1 or more, or leave it out to choose automatically.")
-    most = 1 + max(max(n - 1, 0).bit_length() for n in shape)  # halving until every axis is 1 voxel
+    most = most_levels(shape)
     if levels > most:
         raise OptionError(f"--levels {levels} is more than a {'×'.join(map(str, shape))} volume has: level {most - 1} is already "
                           f"{'×'.join(map(str, level_shapes(shape, most)[-1]))}.",
