@@ -222,6 +222,7 @@ def test_write_failures_say_what_to_fix():
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Data array contains NaN values")  # mrcfile, writing the NaN on purpose
 def test_a_block_that_fails_on_a_worker_is_said_in_one_line(tmp_path, small_net):
     """Dask logs a failed task with its arguments and a traceback; at tileseg's usual verbosity the
     client's one line is all the user sees, from an in-process worker and from worker processes
