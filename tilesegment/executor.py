@@ -81,21 +81,25 @@ def quiet_task_failures(quiet: bool = True) -> None:
         worker_log.addFilter(QuietTaskFailures())
 
 
+class QuietFailuresPlugin(WorkerPlugin):
+    """:func:`quiet_task_failures` on every worker of an embedded cluster, restarted ones too."""
+
+    name = "tilesegment-quiet-task-failures"
+
+    def setup(self, worker: Any) -> None:
+        quiet_task_failures()
+
+
 class ModelPlugin(WorkerPlugin):
     """Loads the model once in every worker process (and in workers that join later)."""
 
     name = "tilesegment-model"
 
-    def __init__(self, key: str, data: bytes, device: str, threads: int | None, precision: str = "fp32",
-                 quiet_failures: bool = False) -> None:
+    def __init__(self, key: str, data: bytes, device: str, threads: int | None, precision: str = "fp32") -> None:
         self.key, self.data, self.device, self.threads, self.precision = key, data, device, threads, precision
-        self.quiet_failures = quiet_failures
 
     def setup(self, worker: Any) -> None:
         from .predict import install_predictor
-
-        if self.quiet_failures:
-            quiet_task_failures()
 
         device = self.device
         if device == "cuda" and isinstance(worker.name, int):
@@ -132,7 +136,12 @@ def connect(scheduler: str | None, workers: int | None = None, device: str = "cp
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker or blocks_in_flight(device),
                                processes=n_workers > 1, resources=resources, dashboard_address=":0", silence_logs=logging.ERROR)
     with cluster, Client(cluster) as client:
-        yield client
+        if not log.isEnabledFor(logging.DEBUG):  # Dask's own record of a failed block only at -vv
+            client.register_plugin(QuietFailuresPlugin())
+        try:
+            yield client
+        finally:
+            quiet_task_failures(False)  # an in-process worker's logger is this process's: Dask's again
 
 
 def default_torch_threads() -> int:
@@ -169,11 +178,9 @@ def dashboard_link(client: Client) -> str | None:
         return None
 
 
-def install_model(client: Client, key: str, data: bytes, device: str, threads: int | None, precision: str = "fp32",
-                  quiet_failures: bool = False) -> None:
-    """Register the model plugin and wait until every current worker has loaded the model
-    (``quiet_failures``: see :class:`QuietTaskFailures`)."""
-    plugin = ModelPlugin(key, data, device, threads, precision, quiet_failures)
+def install_model(client: Client, key: str, data: bytes, device: str, threads: int | None, precision: str = "fp32") -> None:
+    """Register the model plugin and wait until every current worker has loaded the model."""
+    plugin = ModelPlugin(key, data, device, threads, precision)
     try:
         client.register_plugin(plugin, name=f"{ModelPlugin.name}-{key}")
     except Exception as exc:

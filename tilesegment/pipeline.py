@@ -81,13 +81,12 @@ def _check_is_a_tomogram(source: VolumeSource) -> None:
     if source.zarr is None:
         return
     made = source.zarr.made_from
-    if not source.zarr.label_image and source.zarr.status == "incomplete":  # a stopped or failed 'tileseg convert'
+    if source.zarr.label_image:
+        raise InputError(f"{source.path}: an OME-Zarr label image{f' (a segmentation of {made})' if made else ''}, not a tomogram.",
+                         f"Give the tomogram itself{f', {made}' if made else ''}: an MRC file or an OME-Zarr image.")
+    if source.zarr.status == "incomplete":  # a stopped or failed 'tileseg convert'
         raise InputError(f"{source.path}: an unfinished 'tileseg convert'{f' of {made}' if made else ''} (its status is incomplete): "
                          "parts of it were never written.", f"Convert it again{f' from {made}' if made else ''}, with --overwrite.")
-    if not source.zarr.label_image:
-        return
-    raise InputError(f"{source.path}: an OME-Zarr label image{f' (a segmentation of {made})' if made else ''}, not a tomogram.",
-                     f"Give the tomogram itself{f', {made}' if made else ''}: an MRC file or an OME-Zarr image.")
 
 
 #: file name endings of projection images, not volumes: IMOD's raw and aligned tilt series, RELION's image stacks
@@ -161,7 +160,7 @@ def segment(
     subclasses for bad input.
     """
     from .executor import (blocks_in_flight, connect, dashboard_link, default_torch_threads, embedded_worker_count,
-                           install_model, predict_resources, quiet_task_failures, run_blocks)
+                           install_model, predict_resources, run_blocks)
     from .model import load_checkpoint, read_checkpoint
     from .predict import check_precision, model_key, resolve_device
 
@@ -239,26 +238,19 @@ def segment(
         embedded = client is None and scheduler is None
         if embedded and threads is None:  # share this machine's cores among the embedded workers' block threads
             threads = max(1, default_torch_threads() // (workers or embedded_worker_count(device)) // blocks_in_flight(device))
-        # a failed block is said once, by the client: Dask's own multi-line record of it only where
-        # tileseg's own log says everything (-vv)
-        quiet = embedded and not log.isEnabledFor(logging.DEBUG)
-        try:
-            with (connect(scheduler, workers, device) if client is None else contextlib.nullcontext(client)) as active:
-                link = dashboard_link(active)
-                if on_start:
-                    on_start(plan, link)
-                install_model(active, job.model_key, checkpoint, device, threads, precision, quiet_failures=quiet)
-                # the output exists only once input, model and cluster are known to be usable
-                if action == CREATE:
-                    lock.check()
-                    create_output(output, layout, info, overwrite)
-                done = set(journal.done()) if action == CONTINUE else set()
-                if progress and done:
-                    progress(sum(plan.tile_count(index) for index in done))
-                results = run_blocks(active, job, predict_resources(device), on_tiles=progress, done=done)
-        finally:
-            if quiet:  # the worker thread ran in this process: its logger is Dask's again
-                quiet_task_failures(False)
+        with (connect(scheduler, workers, device) if client is None else contextlib.nullcontext(client)) as active:
+            link = dashboard_link(active)
+            if on_start:
+                on_start(plan, link)
+            install_model(active, job.model_key, checkpoint, device, threads, precision)
+            # the output exists only once input, model and cluster are known to be usable
+            if action == CREATE:
+                lock.check()
+                create_output(output, layout, info, overwrite)
+            done = set(journal.done()) if action == CONTINUE else set()
+            if progress and done:
+                progress(sum(plan.tile_count(index) for index in done))
+            results = run_blocks(active, job, predict_resources(device), on_tiles=progress, done=done)
         lock.check()  # an object-store lock taken over while this run stalled: do not mark a mixed output complete
         forwarded = sum(r.tiles_forwarded for r in results)
         foreground = sum(r.foreground_voxels for r in results) + sum((journal.counts(i) or (0, 0, 0))[2] for i in done)

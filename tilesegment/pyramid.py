@@ -51,8 +51,8 @@ def check_levels(levels: int | None, shape: Shape) -> int:
         raise OptionError(f"--levels {levels!r} is not a number of levels.", "Give 1 or more, or leave it out to choose automatically.")
     most = most_levels(shape)
     if levels > most:
-        raise OptionError(f"--levels {levels} is more than a {'×'.join(map(str, shape))} volume has: level {most - 1} is already "
-                          f"{'×'.join(map(str, level_shapes(shape, most)[-1]))}.",
+        raise OptionError(f"--levels {levels} is more than a {'×'.join(map(str, shape))} volume has: level {most - 1} is "
+                          "already a single voxel.",
                           f"Give at most {most}, or leave it out to choose automatically ({auto_levels(shape)} here).")
     return int(levels)
 

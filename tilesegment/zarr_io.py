@@ -306,31 +306,21 @@ def describe_zarr_input(path: str) -> ZarrInput:
     if array.dtype.kind not in "iuf":
         raise InputError(f"{path}: array dtype {array.dtype} is not numeric.", "Give an integer or float volume.")
     return ZarrInput(array_path, tuple(int(n) for n in array.shape), array.dtype.str, voxel, levels, origin,  # type: ignore[arg-type]
-                     _is_label_image(attrs), _made_from(attrs), _status(attrs))
+                     *_tileseg_meta(attrs))
 
 
-def _is_label_image(attrs: dict[str, Any]) -> bool:
-    """An OME-Zarr label image, or a ``tileseg run`` output (which has that metadata only once complete)."""
+def _tileseg_meta(attrs: dict[str, Any]) -> tuple[bool, str | None, str | None]:
+    """What a group's attributes say it is: a label image (OME ``image-label``, or a ``tileseg run``
+    output, which has that metadata only once complete), the input a tileseg output records
+    (run's ``input``, convert's ``source``), and a tileseg output's status."""
     ours = attrs.get("tilesegment")
-    if isinstance(ours, dict) and "run" in ours:
-        return True
+    ours = ours if isinstance(ours, dict) else {}
     try:
-        return "image-label" in read_ome_attrs(attrs)
+        labels = "run" in ours or "image-label" in read_ome_attrs(attrs)
     except Exception:
-        return False
-
-
-def _status(attrs: dict[str, Any]) -> str | None:
-    ours = attrs.get("tilesegment")
-    status = ours.get("status") if isinstance(ours, dict) else None
-    return str(status) if status else None
-
-
-def _made_from(attrs: dict[str, Any]) -> str | None:
-    """The input a tileseg output group records (``tileseg run``'s and ``convert``'s), if any."""
-    ours = attrs.get("tilesegment")
-    source = (ours.get("input") or ours.get("source")) if isinstance(ours, dict) else None  # run's, convert's
-    return str(source) if source else None
+        labels = "run" in ours
+    made_from, status = ours.get("input") or ours.get("source"), ours.get("status")
+    return labels, str(made_from) if made_from else None, str(status) if status else None
 
 
 def _recorded_origin(attrs: dict[str, Any]) -> tuple[float, float, float]:
