@@ -59,7 +59,7 @@ def _position(value: str | None) -> tuple[int, int, int] | None:
 
 @click.command()
 @click.argument("output", metavar="OUTPUT.zarr", type=click.Path())
-@click.argument("png", metavar="PREVIEW.png", type=click.Path(dir_okay=False))
+@click.argument("png", metavar="PREVIEW.png", type=click.Path())
 @click.option("--tomogram", default=None, metavar="INPUT", help="Tomogram to draw under the mask (MRC or OME-Zarr); default: the run's input.")
 @click.option("--level", type=int, default=None, help="Pyramid level (default: the finest that keeps the picture within about 1024 pixels).")
 @click.option("--position", default=None, metavar="Z,Y,X", help="Where the three slices cross, in full-resolution voxels (default: the centre).")

@@ -39,7 +39,7 @@ def main(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
 
 
 @main.command()
-@click.argument("input_path", metavar="INPUT.mrc", type=click.Path(dir_okay=False))
+@click.argument("input_path", metavar="INPUT.mrc", type=click.Path())  # a folder gets tileseg's own line (tilesegment.mrc)
 @click.argument("output", metavar="OUTPUT.zarr", type=click.Path())
 @click.option("--ngff", type=click.Choice(["0.4", "0.5"]), default="0.4", show_default=True,
               help="OME-Zarr version: 0.4 on Zarr v2 (read by the CryoET Data Portal, copick, most viewers) or 0.5 on Zarr v3 (with sharding).")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from typing import Any
+from typing import Any, Iterator
 
 import click
 
@@ -36,6 +37,28 @@ def evaluate(prediction: str, truth: str, classes: str | None, ignore: str | Non
         raise click.BadParameter(f"--ignore {ignore!r}: give label values such as 255 or 3,4.") from None
     report = run_evaluate(prediction, truth, classes=names, ignore=ignored)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.to_table())
+
+
+#: SimulationConfig's fields by the names of the options that set them, for its messages
+SIMULATION_OPTIONS = {"shape": "--shape", "voxel_size": "--voxel-size", "templates": "--templates", "target": "--target",
+                      "density": "--density", "snr": "--snr", "tilt_range": "--tilt-range", "defocus_um": "--defocus",
+                      "voltage_kv": "--voltage", "cs_mm": "--cs"}
+
+
+@contextlib.contextmanager
+def _fields_as_options() -> Iterator[None]:
+    """SimulationConfig's errors name its fields (``tilt_range 95.0 is outside (0, 90]``); on the
+    command line they name the option the user typed (``--tilt-range 95.0 ...``)."""
+    from tilesegment.errors import OptionError
+
+    try:
+        yield
+    except OptionError as err:
+        field, space, rest = err.what.partition(" ")
+        option = SIMULATION_OPTIONS.get(field.rstrip(":"))
+        if option is None:
+            raise
+        raise OptionError(option + field[len(field.rstrip(":")):] + space + rest, err.fix) from None
 
 
 def _ids(value: str | None) -> tuple[str, ...] | None:
@@ -76,7 +99,9 @@ def simulate(ctx: click.Context, output_dir: str, shape: str, voxel_size: float,
                   tilt_range=tilt_range, defocus_um=defocus, voltage_kv=voltage, cs_mm=cs, seed=seed)
     if templates:
         fields["templates"] = _ids(templates)
-    report = run_simulate(output_dir, SimulationConfig(**fields), overwrite=overwrite)
+    with _fields_as_options():
+        config = SimulationConfig(**fields)
+    report = run_simulate(output_dir, config, overwrite=overwrite)
     if not ctx.find_root().obj["quiet"]:
         kinds = sum(1 for n in report.class_counts.values() if n)
         click.echo(f"wrote {report.tomogram}, {report.labels}, {report.particles}: {'×'.join(map(str, report.shape))} at "
@@ -88,7 +113,7 @@ def _as_shape3(value: Any) -> tuple[int, int, int]:
 
 
 @click.command()
-@click.argument("output", metavar="OUTPUT.safetensors", type=click.Path(dir_okay=False))
+@click.argument("output", metavar="OUTPUT.safetensors", type=click.Path())
 @click.option("--data", "data_dirs", multiple=True, type=click.Path(file_okay=False), help="A 'tileseg simulate' folder (repeat); the last --validation of them validate.")
 @click.option("--simulate", "simulate_count", type=int, default=None, help="Instead of --data: simulate this many training tomograms on the fly.")
 @click.option("--validation", type=int, default=None, help="Validation tomograms (default: 1 of --data folders, 2 simulated).")
@@ -120,16 +145,15 @@ def train(ctx: click.Context, output: str, data_dirs: tuple[str, ...], simulate_
       tileseg train model.safetensors --simulate 8 --snr 0.5
       tileseg train model.safetensors --data sim1 --data sim2 --data sim3 --classes target:4v4r
     """
-    import os
 
     from tqdm import tqdm
 
-    from tilesegment.errors import OptionError, OutputError
+    from tilesegment.errors import OptionError
+    from tilesegment.storage import check_output_file
     from tilesegment.train import TrainConfig, train as run_train
     from tilesegment.training_data import simulated_volumes, split_volumes
 
-    if os.path.exists(output) and not overwrite:
-        raise OutputError(f"{output} already exists.", "Choose another path, or pass --overwrite.")
+    check_output_file(output, overwrite, "model.safetensors")  # before the training, not after it
     if validation is not None and validation < 1:
         raise OptionError(f"--validation {validation} must be at least 1.", "Give 1 or more validation tomograms, or leave it out.")
     if bool(data_dirs) == bool(simulate_count):
@@ -139,10 +163,14 @@ def train(ctx: click.Context, output: str, data_dirs: tuple[str, ...], simulate_
     else:
         from tilesegment.simulate import SimulationConfig
 
-        sim = SimulationConfig(shape=_as_shape3(parse_shape(shape, "--shape")), snr=snr, seed=seed)
-        chosen = _ids(templates) or sim.templates
-        kinds = tuple(k for k in chosen if k not in (_ids(hold_out) or ()))
-        sim = SimulationConfig(shape=sim.shape, snr=snr, templates=kinds, seed=seed)
+        with _fields_as_options():
+            sim = SimulationConfig(shape=_as_shape3(parse_shape(shape, "--shape")), snr=snr, seed=seed)
+            chosen = _ids(templates) or sim.templates
+            kinds = tuple(k for k in chosen if k not in (_ids(hold_out) or ()))
+            if not kinds:
+                raise OptionError(f"--hold-out {hold_out} leaves none of the complexes to train on ({', '.join(chosen)}).",
+                                  "Hold out fewer of them, or give more --templates.")
+            sim = SimulationConfig(shape=sim.shape, snr=snr, templates=kinds, seed=seed)
         train_volumes = simulated_volumes(simulate_count, sim, seed)
         validation_volumes = simulated_volumes(validation or 2, sim, seed + simulate_count)
     try:

@@ -156,6 +156,11 @@ def test_bad_input_gets_one_line_and_an_exit_code(tmp_path, small_mrc):
     assert_one_line_error(tileseg("convert", small_mrc, out, "--ngff", "0.5", "--shard", "a"), 2, "--shard 'a'")
     assert_one_line_error(tileseg("simulate", str(tmp_path / "sim"), "--shape", "-8"), 2, "--shape '-8'")
     assert_one_line_error(tileseg("run", small_mrc, out, "--workers", "0"), 2, "--workers 0 must be at least 1")
+    # the simulation's settings are named as the options that set them, not as SimulationConfig's fields
+    assert_one_line_error(tileseg("simulate", str(tmp_path / "sim"), "--tilt-range", "95"), 2, "--tilt-range 95.0 is outside (0, 90]")
+    assert_one_line_error(tileseg("simulate", str(tmp_path / "sim"), "--voltage", "-1"), 2, "--voltage -1.0 must be a positive number")
+    assert_one_line_error(tileseg("train", str(tmp_path / "t.safetensors"), "--simulate", "1", "--templates", "1bxn", "--hold-out", "1bxn"), 2,
+                          "--hold-out 1bxn leaves none of the complexes")
     # options the command body parses itself (click.BadParameter there): one line too, not an internal error
     assert_one_line_error(tileseg("train", str(tmp_path / "t.safetensors"), "--simulate", "1", "--channels", "x"), 2, "--channels 'x'")
     assert_one_line_error(tileseg("preview", str(tmp_path / "nothing.zarr"), str(tmp_path / "p.png"), "--position", "a"), 2, "--position")
@@ -170,6 +175,23 @@ def test_bad_input_gets_one_line_and_an_exit_code(tmp_path, small_mrc):
     write_mrc(tmp_path / "data" / "tomo_a.mrc", random_volume((8, 8, 8)))
     assert_one_line_error(tileseg("run", str(tmp_path / "data"), out), 3, "a folder, but not a Zarr store", "tomo_a.mrc")
     assert not os.path.exists(out)  # nothing half-written left behind by refused runs
+
+
+def test_files_a_command_writes_are_checked_before_its_work(tmp_path, small_mrc):
+    """A folder of the output's name or a missing folder is refused up front (train used to train for
+    minutes, then end in an internal error and lose the model); a folder given as convert's INPUT.mrc
+    gets tileseg's one line, saying what it is."""
+    os.makedirs(tmp_path / "taken.png")
+    missing = str(tmp_path / "no-such-folder" / "m.safetensors")
+    assert_one_line_error(tileseg("train", missing, "--simulate", "1"), 5, "the folder", "does not exist")
+    assert_one_line_error(tileseg("train", str(tmp_path / "taken.png"), "--simulate", "1"), 5, "is a directory", "model.safetensors")
+    assert_one_line_error(tileseg("preview", str(tmp_path / "nothing.zarr"), str(tmp_path / "taken.png")), 5, "is a directory", "preview.png")
+    assert not os.path.exists(tmp_path / "no-such-folder")
+    out = str(tmp_path / "out.zarr")
+    assert_one_line_error(tileseg("convert", str(tmp_path / "taken.png"), out), 3, "is a folder, not an MRC file")
+    assert tileseg("convert", small_mrc, str(tmp_path / "in.zarr")).returncode == 0
+    assert_one_line_error(tileseg("convert", str(tmp_path / "in.zarr"), out), 3, "is a Zarr store", "tileseg run")
+    assert not os.path.exists(out)
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import json
 import pickle
 
@@ -12,7 +13,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from tilesegment.errors import CheckpointError
-from tilesegment.model import ModelConfig, build_model, checkpoint_bytes, for_inference, load_checkpoint, read_checkpoint
+from tilesegment.model import ModelConfig, build_model, checkpoint_bytes, for_inference, load_checkpoint, read_checkpoint, save_checkpoint
 
 
 @pytest.mark.parametrize("architecture", ["ssn3d-encdec", "ssn3d-fcn"])
@@ -80,6 +81,23 @@ def test_checkpoint_round_trip_gives_the_same_network():
     x = torch.randn(1, 1, 16, 16, 16)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
+
+
+def test_a_failed_save_leaves_the_older_checkpoint_whole(tmp_path, monkeypatch):
+    import tilesegment.model as model_module
+
+    config = ModelConfig(channels=(4, 8, 8))
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, build_model(config), config)
+    before = path.read_bytes()
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(model_module, "checkpoint_bytes", full_disk)
+    with pytest.raises(OSError):
+        save_checkpoint(path, build_model(config), config)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["m.safetensors"]
 
 
 def test_default_model_ships_with_the_package():

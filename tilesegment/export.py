@@ -24,9 +24,10 @@ import numpy as np
 import zarr
 from mrcfile.mrcinterpreter import MrcInterpreter
 
-from .errors import InputError, OptionError, OutputError
+from .errors import InputError, OptionError
 from .geometry import Shape
 from .result import Segmentation, open_segmentation, origin_xyz
+from .storage import check_output_file
 from .zarr_io import open_array
 
 __all__ = ["export", "ExportReport", "probability_files", "SLAB_BYTES"]
@@ -129,16 +130,6 @@ def _stream(array_path: str, channel: int | None, partial: str, dtype: np.dtype,
         os.fsync(f.fileno())
 
 
-def _check_target(path: str, overwrite: bool) -> None:
-    if os.path.isdir(path):
-        raise OutputError(f"{path} is a directory.", "Give a file name such as mask.mrc.")
-    if os.path.exists(path) and not overwrite:
-        raise OutputError(f"{path} already exists.", "Choose another file name, or pass --overwrite to replace it.")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise OutputError(f"cannot write {path}: the folder {folder} does not exist or is not writable.", "Create it, or write elsewhere.")
-
-
 def _labels_to(dtype: np.dtype, path: str) -> Callable[[np.ndarray], np.ndarray]:
     top = np.iinfo(dtype).max
 
@@ -176,7 +167,7 @@ def export(output: str | os.PathLike, mask: str | os.PathLike, *, probabilities:
     if len({os.path.abspath(t) for t in targets}) != len(targets):
         raise OptionError(f"the mask and the probabilities would both be written to {mask}.", "Give --probabilities another file name.")
     for target in targets:
-        _check_target(target, overwrite)
+        check_output_file(target, overwrite, "mask.mrc")
 
     shape = segmentation.shapes[index]
     voxel = segmentation.voxel_sizes[index]

@@ -226,8 +226,17 @@ def checkpoint_bytes(model: nn.Module, config: ModelConfig) -> bytes:
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, config: ModelConfig) -> None:
-    with open(path, "wb") as f:
-        f.write(checkpoint_bytes(model, config))
+    """Write the checkpoint under a temporary name and rename it: a failed write (a full disk)
+    leaves any older checkpoint of that name whole."""
+    path = os.fspath(path)
+    partial = f"{path}.{os.getpid()}.partial"
+    try:
+        with open(partial, "wb") as f:
+            f.write(checkpoint_bytes(model, config))
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
 def default_checkpoint_path() -> str:

@@ -76,13 +76,22 @@ def _too_short(path: str, file_size: int) -> InputError:
     return _fail(path, f"is {file_size} bytes, too short to hold an MRC header (1024 bytes).", "Check that the file is a complete MRC file.")
 
 
+def _a_folder(path: str) -> InputError:
+    """A folder where an MRC file was expected: a Zarr store needs no converting, anything else is named."""
+    from .storage import exists, join
+
+    if any(exists(join(path, name)) for name in (".zarray", ".zgroup", "zarr.json")):
+        return _fail(path, "is a Zarr store, not an MRC file.", "It needs no converting: segment it as it is with 'tileseg run'.")
+    return _fail(path, "is a folder, not an MRC file.", "Give an MRC file (.mrc, .rec, .map) inside it.")
+
+
 def _read_header(path: str) -> tuple[int, bytes]:
     """``(size, first 1024 bytes)`` of a local file or a stored object, or the reason there are none."""
     if not is_url(path):
         if not os.path.exists(path):
             raise _fail(path, "no such file.", "Check the path (and that the file system is mounted).")
         if os.path.isdir(path):
-            raise _fail(path, "is a directory, not an MRC file.", "Give an .mrc file, or a .zarr directory.")
+            raise _a_folder(path)
         file_size = os.path.getsize(path)
         if file_size < HEADER_BYTES:
             raise _too_short(path, file_size)
@@ -95,7 +104,7 @@ def _read_header(path: str) -> tuple[int, bytes]:
         fs, key = filesystem(path)
         info = fs.info(key)
         if info.get("type") == "directory":
-            raise _fail(path, "is a directory, not an MRC file.", "Give an .mrc file, or a .zarr directory.")
+            raise _a_folder(path)
         file_size = int(info["size"])
         if file_size < HEADER_BYTES:
             raise _too_short(path, file_size)

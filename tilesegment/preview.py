@@ -20,6 +20,7 @@ from .errors import InputError, OptionError, OutputError
 from .geometry import Box, ceil_div
 from .ome import LABEL_COLORS
 from .result import Segmentation, find_input, open_segmentation
+from .storage import check_output_file
 from .volume import VolumeSource, describe_zarr_input, open_volume, read_volume
 from .zarr_io import read_region
 
@@ -169,6 +170,7 @@ def preview(output: str | os.PathLike, png: str | os.PathLike, *, tomogram: str 
     output, png = os.fspath(output), os.fspath(png)
     if not png.lower().endswith(".png"):
         raise OptionError(f"{png}: the preview is a PNG image; its name must end in .png.", "Give a name such as preview.png.")
+    check_output_file(png, True, "preview.png")  # before the drawing: a preview replaces an older one
     if zoom is not None and zoom < 1:
         raise OptionError(f"zoom {zoom} must be at least 1.", "Give 1 or more, or leave it out.")
     segmentation = open_segmentation(output)

@@ -119,12 +119,12 @@ class SimulationConfig:
         if self.target is not None:
             target = template_name(os.path.basename(os.fspath(self.target))).lower()
             if target not in [n.lower() for n in names]:
-                raise OptionError(f"target {self.target!r} is not one of the templates {tuple(names)}.", "Give one of the template ids as target, or None.")
+                raise OptionError(f"target {self.target!r} is not one of the templates {tuple(names)}.", "Give one of the template ids as the target, or no target.")
             set_(self, "target", names[[n.lower() for n in names].index(target)])
         set_(self, "density", range_option(self.density, "density", 0.0, 0.6, "Give the fraction of the volume to fill, e.g. 0.25."))
         snr = float(self.snr) if isinstance(self.snr, (int, float, np.floating)) and not isinstance(self.snr, bool) else float("nan")
         if not snr > 0:  # rejects NaN too
-            raise OptionError(f"snr {self.snr!r} must be positive.", "Give var(signal)/var(noise), e.g. 1.0 (0.01-100), or float('inf') for no noise.")
+            raise OptionError(f"snr {self.snr!r} must be positive.", "Give var(signal)/var(noise), e.g. 1.0 (0.01-100), or inf for no noise.")
         set_(self, "snr", snr)
         set_(self, "tilt_range", range_option(self.tilt_range, "tilt_range", 0.0, 90.0, "Give the half tilt range in degrees, e.g. 60 (±60°); 90 means no missing wedge."))
         try:

@@ -19,7 +19,7 @@ import posixpath
 import re
 from typing import Any
 
-__all__ = ["is_url", "filesystem", "exists", "isdir", "join", "parent", "basename", "normalize", "zarr_store",
+__all__ = ["check_output_file", "is_url", "filesystem", "exists", "isdir", "join", "parent", "basename", "normalize", "zarr_store",
            "storage_options", "describe_failure", "remedy", "is_write_failure", "write_failure"]
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
@@ -165,3 +165,18 @@ def write_failure(output: str, exc: OSError, resumable: bool = True) -> Exceptio
     fix = remedy(output, exc) if is_url(output) else "Free space (or fix the permissions), or choose another output"
     then = "; then finish the run with --resume (the blocks already written are kept)." if resumable else "."
     return OutputError(f"cannot write {output}: {reason}.", fix.rstrip(".") + then)
+
+
+def check_output_file(path: str, overwrite: bool, example: str) -> None:
+    """Refuse, before any work is done, a local output file that could not be written at the end: a
+    folder of that name, an existing file (unless ``overwrite``), a missing or read-only folder.
+    ``example``: a file name to suggest (``mask.mrc``)."""
+    from .errors import OutputError
+
+    if os.path.isdir(path):
+        raise OutputError(f"{path} is a directory.", f"Give a file name such as {example}.")
+    if os.path.exists(path) and not overwrite:
+        raise OutputError(f"{path} already exists.", "Choose another file name, or pass --overwrite to replace it.")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise OutputError(f"cannot write {path}: the folder {folder} does not exist or is not writable.", "Create it, or write elsewhere.")
