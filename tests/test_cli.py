@@ -156,6 +156,8 @@ def test_bad_input_gets_one_line_and_an_exit_code(tmp_path, small_mrc):
     assert_one_line_error(tileseg("convert", small_mrc, out, "--ngff", "0.5", "--shard", "a"), 2, "--shard 'a'")
     assert_one_line_error(tileseg("simulate", str(tmp_path / "sim"), "--shape", "-8"), 2, "--shape '-8'")
     assert_one_line_error(tileseg("run", small_mrc, out, "--workers", "0"), 2, "--workers 0 must be at least 1")
+    # a batch whose forward this machine's memory cannot hold: refused before the run (it ended in an internal error)
+    assert_one_line_error(tileseg("run", small_mrc, out, "--tile", "1000"), 2, "--tile 1000 with --batch 4", "GiB", "fits at --batch 4")
     # the simulation's settings are named as the options that set them, not as SimulationConfig's fields
     assert_one_line_error(tileseg("simulate", str(tmp_path / "sim"), "--tilt-range", "95"), 2, "--tilt-range 95.0 is outside (0, 90]")
     assert_one_line_error(tileseg("simulate", str(tmp_path / "sim"), "--voltage", "-1"), 2, "--voltage -1.0 must be a positive number")

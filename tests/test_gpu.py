@@ -65,3 +65,13 @@ def test_pinned_batches_reused_across_forwards_give_fresh_batches_sums():
         predictor.forward_into(np.stack([block[box.slices()] for box in batch]), expected, places, weights)
     np.testing.assert_allclose(got, expected, atol=1e-5)  # a batch overwritten before its copy would differ by far more
     assert got.max() > 0
+
+
+def test_a_batch_the_gpu_cannot_hold_is_refused_before_the_run(tmp_path, tomogram):
+    import os
+
+    from tilesegment.errors import OptionError
+
+    with pytest.raises(OptionError, match="GiB of memory available on cuda"):
+        segment(tomogram, str(tmp_path / "big.zarr"), device="cuda", tile=2048)
+    assert not os.path.exists(tmp_path / "big.zarr")

@@ -288,3 +288,76 @@ def test_cudnn_math_lets_one_cuda_forward_at_a_time_hold_the_process_wide_flags(
     finally:
         release.set()
         cudnn.conv.fp32_precision, cudnn.deterministic = before
+
+
+PEAK_PROBE = """
+import sys, torch
+from tilesegment.model import ModelConfig, build_model, for_inference
+torch.set_num_threads(1)
+def peak():
+    return next(int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith('VmHWM'))
+architecture, first, edge, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+model = for_inference(build_model(ModelConfig(architecture=architecture, channels=(first, 2 * first, 4 * first))).eval())
+with torch.inference_mode():
+    model(torch.zeros(batch, 1, 16, 16, 16))  # PyTorch's code and the weights' layouts, once: not the forward's memory
+x = torch.zeros(batch, 1, edge, edge, edge)
+before = peak()
+with torch.inference_mode():
+    model(x)
+print(peak() - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the peak RSS from /proc (Linux)")
+@pytest.mark.parametrize("architecture, first, edge, batch", [("ssn3d-encdec", 8, 64, 2), ("ssn3d-encdec", 32, 64, 1), ("ssn3d-fcn", 8, 64, 2)])
+def test_forward_memory_estimate_bounds_the_measured_peak(architecture, first, edge, batch):
+    """The estimate that refuses a too-large --tile up front must not be below what a forward takes
+    (the run would then die in the allocator or the OOM killer instead), nor far above it (it would
+    refuse tiles that fit)."""
+    import subprocess
+    import sys
+
+    grown = int(subprocess.run([sys.executable, "-c", PEAK_PROBE, architecture, str(first), str(edge), str(batch)],
+                               capture_output=True, text=True, check=True).stdout)
+    config = ModelConfig(architecture=architecture, channels=(first, 2 * first, 4 * first))
+    estimate = config.forward_bytes_per_voxel * batch * edge ** 3
+    assert 0.6 * estimate <= grown <= estimate, (grown, estimate)
+
+
+def test_a_batch_too_large_for_the_memory_is_refused_with_a_tile_that_fits():
+    from tilesegment.errors import OptionError
+    from tilesegment.predict import check_forward_memory
+
+    config = ModelConfig(channels=(8, 16, 32))
+    need = 4 * 64 ** 3 * config.forward_bytes_per_voxel
+    check_forward_memory(config, (64, 64, 64), 4, "cpu", need)  # exactly enough
+    check_forward_memory(config, (1000,) * 3, 4, "cpu", None)  # unknown memory: no refusal
+    with pytest.raises(OptionError, match=r"--tile 128 with --batch 4: .* about 1\.8 GiB, more than the 0\.2 GiB .* on cpu") as err:
+        check_forward_memory(config, (128, 128, 128), 4, "cpu", need)
+    assert "--tile 48 fits at --batch 4" in err.value.fix  # within half the memory, a multiple of 4
+    with pytest.raises(OptionError, match="even --tile 4 does not fit"):
+        check_forward_memory(config, (64, 64, 64), 4, "cpu", 1000)
+
+
+def test_a_forward_out_of_memory_names_the_batch_and_resume():
+    from tilesegment.errors import OptionError
+    from tilesegment.predict import Predictor
+
+    predictor = Predictor(read_checkpoint(None), "cpu")
+
+    class Starved(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate 32000000000 bytes.")
+
+    predictor.model = Starved()
+    with pytest.raises(OptionError, match="ran out of memory on cpu with a batch of 2 tiles of 16×16×16") as err:
+        predictor(np.zeros((2, 16, 16, 16), np.float32))
+    assert "--batch" in err.value.fix and "--resume" in err.value.fix
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("shapes do not match")
+
+    predictor.model = Broken()
+    with pytest.raises(RuntimeError, match="shapes do not match"):  # other failures are not called a lack of memory
+        predictor(np.zeros((2, 16, 16, 16), np.float32))

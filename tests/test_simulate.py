@@ -334,7 +334,7 @@ def test_a_simulation_this_machine_cannot_hold_is_refused_before_it_starts(tmp_p
     import shutil
 
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(sim_module, "_memory_available", lambda: 64 * 2**30)  # a machine with room in memory, not on disk
+    monkeypatch.setattr(sim_module, "memory_available", lambda: 64 * 2**30)  # a machine with room in memory, not on disk
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**40 - 2**30, 2**30))
     with pytest.raises(OutputError, match=r"needs about 8.4 GiB of disk .* but 1.0 GiB is free"):
         simulate(out, SimulationConfig(shape=(1000, 1000, 1000)))

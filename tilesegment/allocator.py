@@ -32,7 +32,7 @@ import logging
 import sys
 import threading
 
-__all__ = ["keep_freed_memory", "KEEP_BELOW", "GLIBC_TUNABLES", "PROCESS_ENVIRONMENT"]
+__all__ = ["keep_freed_memory", "memory_available", "KEEP_BELOW", "GLIBC_TUNABLES", "PROCESS_ENVIRONMENT"]
 
 log = logging.getLogger(__name__)
 
@@ -87,3 +87,16 @@ def _apply() -> bool:
     if not done:
         log.debug("mallopt refused a setting; freed memory may be returned to the kernel between forwards")
     return done
+
+
+def memory_available() -> int | None:
+    """This machine's MemAvailable (/proc/meminfo) in bytes: what can be allocated without
+    swapping; None where there is no such file (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -71,6 +71,18 @@ class ModelConfig:
         """Tile sizes must be a multiple of this (2 per pooling)."""
         return {"ssn3d-encdec": 4, "ssn3d-fcn": 8}.get(self.architecture, 1)
 
+    @property
+    def forward_bytes_per_voxel(self) -> int:
+        """About the most memory an inference forward holds, in bytes per voxel of its batch (float32).
+
+        The encoder-decoder keeps its full-resolution features for the decoder: 23.4-27.4 bytes per
+        voxel per unit of the first width at its peak, the FCN 8.0-9.0 (the growth of peak RSS over
+        a forward after a warm-up, widths 8-32, tiles 64-128³, batches 1-4, 1 or 2 threads;
+        ``tests/test_model.py`` checks it). Rounded up, plus the input and output tensors."""
+        first = self.channels[0] if self.channels else 1
+        network = {"ssn3d-encdec": 28 * first, "ssn3d-fcn": 10 * first}.get(self.architecture, 0)
+        return network + 4 * (self.in_channels + self.out_channels)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 

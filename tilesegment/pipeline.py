@@ -162,7 +162,7 @@ def segment(
     from .executor import (blocks_in_flight, connect, dashboard_link, default_torch_threads, embedded_worker_count,
                            install_model, predict_resources, run_blocks)
     from .model import load_checkpoint, read_checkpoint
-    from .predict import check_precision, model_key, resolve_device
+    from .predict import check_forward_memory, check_precision, device_memory_available, model_key, resolve_device
 
     started = time.perf_counter()
     keep_freed_memory()  # before the embedded cluster's threads first allocate (see tilesegment.allocator)
@@ -191,6 +191,11 @@ def segment(
     checkpoint = read_checkpoint(model)
     _, config = load_checkpoint(checkpoint, "cpu", name=model or "the default model")
     _check_tile(tile_shape, config.size_multiple, config.architecture)
+    if scheduler is None and client is None:  # an embedded cluster's workers share this machine's memory
+        available = device_memory_available(device)
+        if available is not None and not device.startswith("cuda"):
+            available //= workers or embedded_worker_count(device)
+        check_forward_memory(config, tile_shape, batch, device, available)
     _check_voxel_size(source, config.voxel_size, ignore_voxel_size)
     plan = BlockPlan.create(source.shape, tile_shape, overlap, write_unit(spec), block_shape)
     n_levels = check_levels(levels, source.shape)

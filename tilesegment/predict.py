@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import threading
 
 from typing import Iterator, Sequence
@@ -19,10 +20,11 @@ import torch
 from .allocator import keep_freed_memory
 from .blending import Placement, summed_channels, summed_count
 from .errors import ClusterError
+from .geometry import option_text
 from .model import ModelConfig, for_inference, load_checkpoint
 
 __all__ = ["Predictor", "model_key", "install_predictor", "get_predictor", "resolve_device", "PRECISIONS", "check_precision",
-           "cudnn_math", "native_cpu_bf16"]
+           "check_forward_memory", "device_memory_available", "cudnn_math", "native_cpu_bf16"]
 
 #: ``--precision``: the autocast dtype of each (None: no autocast). ``fp32`` is IEEE float32 on
 #: every device; ``tf32`` is float32 whose convolutions cuDNN may run on TF32 tensor cores (inputs
@@ -119,6 +121,44 @@ def resolve_device(device: str) -> torch.device:
     if device != "cpu":
         raise ClusterError(f"--device {device!r} is not a device.", "Use cpu, cuda or cuda:N.")
     return torch.device("cpu")
+
+
+def device_memory_available(device: str) -> int | None:
+    """Bytes a forward on ``device`` (of this machine) can have: MemAvailable for the CPU, the GPU's
+    free memory for CUDA; None where unknown."""
+    if device.startswith("cuda"):
+        free, _total = torch.cuda.mem_get_info(resolve_device(device))
+        return int(free)
+    from .allocator import memory_available
+
+    return memory_available()
+
+
+def check_forward_memory(config: ModelConfig, tile: Sequence[int], batch: int, device: str, available: int | None) -> None:
+    """Refuse, before the run, a batch whose forward cannot fit in ``available`` bytes (the memory
+    of one worker's device): it would end in an allocation error on the first block, or on a Linux
+    CPU in the kernel's out-of-memory killer. The need is :attr:`ModelConfig.forward_bytes_per_voxel`
+    of every voxel of the batch."""
+    from .errors import OptionError
+
+    per_voxel = config.forward_bytes_per_voxel
+    need = batch * math.prod(tile) * per_voxel
+    if available is None or need <= available:
+        return
+    multiple = config.size_multiple
+    fits = int((available / 2 / (batch * per_voxel)) ** (1 / 3)) // multiple * multiple  # half: room for the blocks
+    hint = f"--tile {fits} fits at --batch {batch}" if fits >= multiple else f"even --tile {multiple} does not fit at --batch {batch}"
+    raise OptionError(f"--tile {option_text(tile)} with --batch {batch}: the network's forward needs about {need / 2**30:.1f} GiB, "
+                      f"more than the {available / 2**30:.1f} GiB of memory available on {device}.",
+                      f"Use a smaller --tile or --batch ({hint}; 64-160 suit most tomograms).")
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether a forward failed for want of memory (a GPU's, or the CPU allocator's)."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, (RuntimeError, MemoryError)) and ("can't allocate memory" in text or "out of memory" in text.lower())
 
 
 class Predictor:
@@ -219,8 +259,16 @@ class Predictor:
                        window: np.ndarray | None = None) -> torch.Tensor:
         x = self._batch(tiles)[:, None]
         with self._lock, cudnn_math(self.device, self._precision):
-            with torch.autocast(self.device.type, dtype=self._autocast, enabled=self._autocast is not None):
-                y = self.model(x.to(self.device, non_blocking=True))
+            try:
+                with torch.autocast(self.device.type, dtype=self._autocast, enabled=self._autocast is not None):
+                    y = self.model(x.to(self.device, non_blocking=True))
+            except (RuntimeError, MemoryError) as exc:
+                if not _out_of_memory(exc):
+                    raise
+                from .errors import OptionError
+
+                raise OptionError(f"the network ran out of memory on {self.device} with a batch of {len(x)} tiles of {'×'.join(map(str, x.shape[2:]))}.",
+                                  "Use a smaller --batch, and finish the run with --resume (or start again with a smaller --tile).") from None
             # in the input's order again (a channels-last network answers channels-last): blending
             # walks the result channel by channel
             y = (_summed_activation(y.float(), self.config) if summed else _activate(y.float(), self.config)).contiguous()

@@ -41,6 +41,7 @@ from typing import Mapping
 
 import numpy as np
 
+from .allocator import memory_available
 from .errors import OptionError, OutputError
 from .geometry import Shape, shape_option
 from .microscope import apply_transfer, ctf, electron_wavelength, transfer, variance, wedge_noise
@@ -297,7 +298,7 @@ def _check_room(shape: Shape, output_dir: Path) -> None:
     placement would otherwise end in a MemoryError or a full disk."""
     voxels = math.prod(shape)
     memory = voxels * OUT_OF_CORE_MEMORY_BYTES + 40 * SLAB_VOXELS  # a few slabs at peak
-    available = _memory_available()
+    available = memory_available()
     size = "×".join(map(str, shape))
     if available is not None and memory > available:
         raise OptionError(f"--shape {size} needs about {memory / 2**30:.1f} GiB of memory (its label map), "
@@ -309,18 +310,6 @@ def _check_room(shape: Shape, output_dir: Path) -> None:
     if disk > free:
         raise OutputError(f"--shape {size} needs about {disk / 2**30:.1f} GiB of disk in {output_dir} (tomogram, labels and "
                           f"scratch), but {free / 2**30:.1f} GiB is free.", "Simulate a smaller --shape, or write it where there is room.")
-
-
-def _memory_available() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes (Linux); None where there is no such file."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def _write_mrc(path: Path, data: np.ndarray, voxel_size: float) -> None:
