@@ -116,7 +116,7 @@ def run_segmentation(quiet: bool, input_path: str, output: str, as_json: bool = 
             click.echo(f"resumed: {report.extra['resumed_blocks']} of {report.blocks} blocks were already done")
         fraction = report.foreground_voxels / max(1, report.shape[0] * report.shape[1] * report.shape[2])
         click.echo(f"wrote {report.output}: {'×'.join(map(str, report.shape))} labels {', '.join(report.class_names)}; "
-                   f"{report.tiles_forwarded}/{report.tile_count} tiles in {report.blocks} blocks, "
+                   f"{report.tiles_forwarded}/{report.tile_count} tiles in {report.blocks} block{'s' if report.blocks != 1 else ''}, "
                    f"{report.seconds:.1f} s ({report.tiles_per_second:.1f} tiles/s); foreground {100 * fraction:.1f}%")
     return report
 

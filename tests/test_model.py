@@ -353,6 +353,9 @@ def test_a_forward_out_of_memory_names_the_batch_and_resume():
     with pytest.raises(OptionError, match="ran out of memory on cpu with a batch of 2 tiles of 16×16×16") as err:
         predictor(np.zeros((2, 16, 16, 16), np.float32))
     assert "--batch" in err.value.fix and "--resume" in err.value.fix
+    with pytest.raises(OptionError, match="a batch of 1 tile of 16×16×16") as err:
+        predictor(np.zeros((1, 16, 16, 16), np.float32))
+    assert "smaller --tile" in err.value.fix and "--batch" not in err.value.fix  # a batch of one is as small as it gets
 
     class Broken(torch.nn.Module):
         def forward(self, x):

@@ -137,7 +137,7 @@ class OutputStatus:
 
     def describe(self) -> str:
         if self.complete:
-            return f"{self.output}: complete ({self.blocks} blocks)."
+            return f"{self.output}: complete ({self.blocks} block{'s' if self.blocks != 1 else ''})."
         done = f"{self.output}: incomplete, {self.blocks_done} of {self.blocks} blocks done"
         if self.writer is not None:
             return f"{done}; being written by pid {self.writer.get('pid')} on {self.writer.get('host')}."

@@ -267,8 +267,10 @@ class Predictor:
                     raise
                 from .errors import OptionError
 
-                raise OptionError(f"the network ran out of memory on {self.device} with a batch of {len(x)} tiles of {'×'.join(map(str, x.shape[2:]))}.",
-                                  "Use a smaller --batch, and finish the run with --resume (or start again with a smaller --tile).") from None
+                tiles = f"{len(x)} tile{'s' if len(x) != 1 else ''} of {'×'.join(map(str, x.shape[2:]))}"
+                fix = ("Use a smaller --batch, and finish the run with --resume (or start again with a smaller --tile)." if len(x) > 1 else
+                       "Start again with a smaller --tile (--overwrite): a tile is part of the run's settings.")
+                raise OptionError(f"the network ran out of memory on {self.device} with a batch of {tiles}.", fix) from None
             # in the input's order again (a channels-last network answers channels-last): blending
             # walks the result channel by channel
             y = (_summed_activation(y.float(), self.config) if summed else _activate(y.float(), self.config)).contiguous()
