@@ -70,9 +70,11 @@ def convert(ctx: click.Context, input_path: str, output: str, ngff: str, chunk: 
     if as_json:
         echo_json(dataclasses.asdict(report))
     elif not quiet:
-        voxel = "unknown voxel size (header has none; recorded as 1 Å)" if report.voxel_size is None else f"{report.voxel_size[-1]:.4g} Å/voxel"
+        voxel = "unknown voxel size (header has none; recorded as 1 Å)" if report.voxel_size is None else (
+            f"{report.voxel_size[-1]:.4g} Å/voxel" if len(set(report.voxel_size)) == 1
+            else f"{'×'.join(f'{v:.4g}' for v in report.voxel_size)} Å/voxel (z, y, x)")
         click.echo(f"wrote {report.output}: {'×'.join(map(str, report.shape))} {report.dtype}, {voxel}, "
-                   f"{report.levels} levels, {report.bytes_read / 2**20 / max(report.seconds, 1e-9):.0f} MiB/s")
+                   f"{report.levels} level{'s' if report.levels != 1 else ''}, {report.bytes_read / 2**20 / max(report.seconds, 1e-9):.0f} MiB/s")
 
 
 def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
