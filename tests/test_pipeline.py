@@ -266,6 +266,40 @@ def test_zarr_input_equals_mrc_input(tmp_path, client, small_net):
     np.testing.assert_allclose(probabilities(out), from_mrc, atol=2e-5)  # stats from a coarse level differ slightly
 
 
+def test_an_image_with_one_time_point_and_channel_is_its_volume(tmp_path, client, small_net):
+    """OME-Zarr images from other tools are often (t, c, z, y, x) with single t and c: the same
+    volume as tileseg's own (z, y, x) image, so the same result; several channels are refused."""
+    from tilesegment.convert import convert
+    from tilesegment.errors import InputError
+
+    write_mrc(tmp_path / "in.mrc", random_volume((33, 35, 37), seed=8))
+    convert(str(tmp_path / "in.mrc"), str(tmp_path / "in.zarr"), chunk=16)
+    three = zarr.open_group(str(tmp_path / "in.zarr"), mode="r")
+    five = zarr.open_group(str(tmp_path / "five.zarr"), mode="w", zarr_format=2)
+    entry = dict(three.attrs["multiscales"][0])
+    space = [a for a in entry["axes"]]
+    entry["axes"] = [{"name": "t", "type": "time"}, {"name": "c", "type": "channel"}, *space]
+    datasets = []
+    for dataset in entry["datasets"]:
+        level = np.asarray(three[dataset["path"]][:])
+        five.create_array(dataset["path"], data=level[None, None], chunks=(1, 1, 16, 16, 16))
+        scale = next(t["scale"] for t in dataset["coordinateTransformations"] if t["type"] == "scale")
+        datasets.append({"path": dataset["path"], "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, *scale]}]})
+    entry["datasets"] = datasets
+    five.attrs["multiscales"] = [entry]
+    results = []
+    for name in ("in", "five"):
+        out = str(tmp_path / f"{name}.seg.zarr")
+        segment(str(tmp_path / f"{name}.zarr"), out, model=small_net, tile=16, probabilities=True, probability_dtype="float32",
+                client=client, chunk=8)
+        results.append(probabilities(out))
+    np.testing.assert_array_equal(results[1], results[0])
+    two = zarr.open_array(str(tmp_path / "two.zarr"), mode="w", shape=(2, 16, 16, 16), dtype="float32", zarr_format=2)
+    two[:] = 1.0
+    with pytest.raises(InputError, match=r"2 channels or time points of a 16×16×16 volume"):
+        segment(str(tmp_path / "two.zarr"), str(tmp_path / "two.seg.zarr"), model=small_net, tile=16, client=client)
+
+
 def test_bf16_autocast_agrees_with_fp32_and_fp16_and_tf32_need_a_gpu(tmp_path, client):
     """Reduced precision is opt-in; on a realistic tomogram its labels stay within 1% of fp32's.
     A CPU without native bf16 (AVX512-BF16, AMX) is refused bf16, by the worker that would run it

@@ -74,7 +74,8 @@ def read_native(source: VolumeSource, box: Box) -> np.ndarray:
     if source.mrc is not None:
         return read_mrc_region(source.mrc, box)
     assert source.zarr is not None
-    return read_region(source.zarr.array_path, box)
+    data = read_region(source.zarr.array_path, box)
+    return data.reshape(box.shape) if data.ndim > 3 else data  # an image's single time point and channel
 
 
 def read_volume(source: VolumeSource, box: Box) -> np.ndarray:

@@ -10,6 +10,7 @@ read-modify-write and no lock.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -300,12 +301,16 @@ def describe_zarr_input(path: str) -> ZarrInput:
         array = node[names[0]]
         voxel = _voxel_size(ome, array.ndim)
         origin = _recorded_origin(dict(node.attrs))
-    if array.ndim != 3:
-        raise InputError(f"{path}: array has {array.ndim} dimensions {array.shape}; tileseg needs a 3D (z, y, x) volume.",
-                         "Select one channel/time point first, or point INPUT at a 3D array.")
+    # OME-Zarr images are often (t, c, z, y, x) or (c, z, y, x) with one time point and channel:
+    # such an image is its volume (volume.read_native drops the single leading axes)
+    if array.ndim < 3 or any(n != 1 for n in array.shape[:-3]):
+        what = (f"{math.prod(array.shape[:-3])} channels or time points of a {'×'.join(map(str, array.shape[-3:]))} volume"
+                if array.ndim > 3 else "not a volume")
+        raise InputError(f"{path}: array has {array.ndim} dimensions {tuple(array.shape)}, {what}; tileseg segments one 3D (z, y, x) volume.",
+                         "Save the channel or time point to segment as a 3D array (an MRC file or a Zarr array) and give that.")
     if array.dtype.kind not in "iuf":
         raise InputError(f"{path}: array dtype {array.dtype} is not numeric.", "Give an integer or float volume.")
-    return ZarrInput(array_path, tuple(int(n) for n in array.shape), array.dtype.str, voxel, levels, origin,  # type: ignore[arg-type]
+    return ZarrInput(array_path, tuple(int(n) for n in array.shape[-3:]), array.dtype.str, voxel, levels, origin,  # type: ignore[arg-type]
                      *_tileseg_meta(attrs))
 
 
