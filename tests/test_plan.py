@@ -120,10 +120,12 @@ def test_spill_is_the_overlap_when_blocks_align_with_the_stride():
 
 
 def test_invalid_plans_are_refused_with_the_fix():
-    with pytest.raises(OptionError, match="multiple of the output chunk"):
+    with pytest.raises(OptionError, match=r"--block 24 is not a whole number of the output's write units \(16: ") as err:
         BlockPlan.create((100,) * 3, 16, 0.25, 16, block=24)
-    with pytest.raises(OptionError, match="smaller than the tile"):
+    assert "Use --block 32" in err.value.fix
+    with pytest.raises(OptionError, match=r"--block 16 is shorter than the tile \(32\) along z") as err:
         BlockPlan.create((100,) * 3, 32, 0.25, 8, block=16)
+    assert "Use --block 32" in err.value.fix
     with pytest.raises(OptionError, match="0 <= overlap < 1"):
         stride_for((16, 16, 16), 1.0)
 

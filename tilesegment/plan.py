@@ -30,7 +30,7 @@ from functools import cached_property, lru_cache
 from typing import Collection, Iterator, Sequence, TypeVar
 
 from .errors import OptionError
-from .geometry import Box, Shape, as_shape, ceil_div
+from .geometry import Box, Shape, as_shape, ceil_div, option_text
 
 __all__ = ["TileGrid", "BlockPlan", "OFFSETS", "SPILL_OFFSETS", "tile_origins", "stride_for", "default_block", "batches", "SpentPieces"]
 
@@ -132,16 +132,20 @@ class BlockPlan:
     chunk: Shape
 
     def __post_init__(self) -> None:
+        block, chunk, tile = option_text(self.block), option_text(self.chunk), option_text(self.grid.tile)
         for axis, (b, c, t, n) in enumerate(zip(self.block, self.chunk, self.grid.tile, self.grid.volume)):
             if c < 1 or b < 1 or b % c:
+                fixed = option_text([max(1, ceil_div(b, c)) * c for b, c in zip(self.block, self.chunk)])
                 raise OptionError(
-                    f"block shape {self.block} is not a multiple of the output chunk {self.chunk} (axis {axis}).",
-                    "Choose a block that is a whole number of chunks (or shards) per axis.",
+                    f"--block {block} is not a whole number of the output's write units ({chunk}: the --chunk, or the --shard if given) "
+                    f"along {'zyx'[axis]}.",
+                    f"Use --block {fixed}, or leave it out for the default.",
                 )
             if b < t and b < n:
+                fixed = option_text([max(b, ceil_div(t, c) * c) for b, c, t in zip(self.block, self.chunk, self.grid.tile)])
                 raise OptionError(
-                    f"block shape {self.block} is smaller than the tile {self.grid.tile} (axis {axis}).",
-                    "Use blocks at least one tile long, so a tile spills only into its direct neighbours.",
+                    f"--block {block} is shorter than the tile ({tile}) along {'zyx'[axis]}.",
+                    f"Use --block {fixed} (blocks at least a tile long, so that a tile spills only into the blocks beside its own).",
                 )
 
     @classmethod
