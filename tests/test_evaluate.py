@@ -208,7 +208,7 @@ def test_ignore_leaves_truth_label_out(tmp_path):
     check(report.foreground, expected["foreground"])
     assert report.voxels == truth.size - 13 * 11
     assert report.ignore == (200,)
-    with pytest.raises(OptionError):
+    with pytest.raises(OptionError, match="--ignore -1 is not a label value"):
         evaluate(write_mrc(tmp_path / "p.mrc", prediction), write_mrc(tmp_path / "t.mrc", prediction), ignore=[-1])
 
 

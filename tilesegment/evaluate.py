@@ -164,7 +164,7 @@ def evaluate(prediction: str | os.PathLike, truth: str | os.PathLike, classes: S
 
 def _ignore_value(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise OptionError(f"ignore value {value!r} is not a label.", "Give non-negative integer label values to ignore.")
+        raise OptionError(f"--ignore {value!r} is not a label value.", "Give the truth's label values to leave out, non-negative integers (e.g. --ignore 0 or --ignore 3,4).")
     return int(value)
 
 
