@@ -29,10 +29,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import sys
 import threading
 
-__all__ = ["keep_freed_memory", "memory_available", "KEEP_BELOW", "GLIBC_TUNABLES", "PROCESS_ENVIRONMENT"]
+__all__ = ["keep_freed_memory", "memory_available", "cgroup_room", "KEEP_BELOW", "GLIBC_TUNABLES", "PROCESS_ENVIRONMENT"]
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +90,84 @@ def _apply() -> bool:
     return done
 
 
+#: where this process's cgroups are listed and mounted (module variables, so tests can point them elsewhere)
+PROC_CGROUP = "/proc/self/cgroup"
+CGROUP_ROOT = "/sys/fs/cgroup"
+_NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a number near 2**63
+
+
 def memory_available() -> int | None:
-    """This machine's MemAvailable (/proc/meminfo) in bytes: what can be allocated without
-    swapping; None where there is no such file (not Linux)."""
+    """Bytes this process can still allocate without swapping or being killed: this machine's
+    MemAvailable (/proc/meminfo), and no more than the room under the memory limits of this
+    process's cgroup (a SLURM job's ``--mem``, a container's ``--memory``), which MemAvailable does
+    not show. None where neither is known (not Linux)."""
+    known = [room for room in (_meminfo_available(), cgroup_room()) if room is not None]
+    return min(known) if known else None
+
+
+def _meminfo_available() -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def cgroup_room() -> int | None:
+    """The least room (limit less anonymous memory in use: the page cache can be reclaimed) under
+    the memory limits of this process's cgroup and of each cgroup above it, cgroup v2 or v1; None
+    where no limit applies or none can be read."""
+    try:
+        with open(PROC_CGROUP) as f:
+            entries = [line.rstrip("\n").split(":", 2) for line in f if line.count(":") >= 2]
+    except OSError:
+        return None
+    rooms = []
+    for _, controllers, path in entries:
+        if controllers == "":  # v2: one hierarchy (at the root, or beside v1 controllers under unified/)
+            layouts = [(base, "memory.max", "anon") for base in (CGROUP_ROOT, os.path.join(CGROUP_ROOT, "unified"))]
+        elif "memory" in controllers.split(","):
+            layouts = [(os.path.join(CGROUP_ROOT, "memory"), "memory.limit_in_bytes", "total_rss")]
+        else:
+            continue
+        for base, limit_name, used_name in layouts:
+            rooms += _rooms_up_to(base, path, limit_name, used_name)
+    return min(rooms) if rooms else None
+
+
+def _rooms_up_to(base: str, path: str, limit_name: str, used_name: str) -> list[int]:
+    """limit - used of every limited cgroup from ``base/path`` up to ``base``."""
+    rooms = []
+    folder = os.path.normpath(os.path.join(base, path.lstrip("/")))
+    while True:
+        limit = _read_number(os.path.join(folder, limit_name))
+        if limit is not None and limit < _NO_LIMIT:
+            used = _stat_value(os.path.join(folder, "memory.stat"), used_name)
+            rooms.append(max(0, limit - (used or 0)))
+        if os.path.normpath(folder) == os.path.normpath(base) or len(folder) <= len(base):
+            return rooms
+        folder = os.path.dirname(folder)
+
+
+def _read_number(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max": no limit
+
+
+def _stat_value(path: str, name: str) -> int | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if key == name:
+                    return int(value)
+    except (OSError, ValueError):
         pass
     return None
