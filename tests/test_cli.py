@@ -131,6 +131,8 @@ def test_an_unfinished_convert_is_refused_as_input(tmp_path, small_mrc, identity
     group.attrs["tilesegment"] = {**group.attrs["tilesegment"], "status": "incomplete"}  # as a stopped convert leaves it
     assert_one_line_error(tileseg("run", tomo, str(tmp_path / "seg.zarr"), "--model", identity_model, "--tile", "16"), 3,
                           "an unfinished 'tileseg convert' of tomo.mrc", "--overwrite")
+    # converting again says what is there, too
+    assert_one_line_error(tileseg("convert", small_mrc, tomo), 5, "already exists: an unfinished 'tileseg convert' or run of", "--overwrite")
 
 
 @pytest.fixture

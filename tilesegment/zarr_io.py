@@ -130,7 +130,7 @@ def create_group(path: str, ngff: str, overwrite: bool = False) -> zarr.Group:
     except Exception as exc:  # only URLs get here: no credentials, endpoint unreachable, ...
         raise OutputError(f"cannot create {path}: {describe_failure(exc)}.", remedy(path, exc)) from None
     if there and not overwrite:
-        raise OutputError(f"{path} already exists.", "Choose another output path, or pass --overwrite to replace it.")
+        raise OutputError(f"{path} already exists{_what_is_there(path)}.", "Choose another output path, or pass --overwrite to replace it.")
     try:
         if is_url(path):
             _check_writable(path)
@@ -312,6 +312,15 @@ def describe_zarr_input(path: str) -> ZarrInput:
         raise InputError(f"{path}: array dtype {array.dtype} is not numeric.", "Give an integer or float volume.")
     return ZarrInput(array_path, tuple(int(n) for n in array.shape[-3:]), array.dtype.str, voxel, levels, origin,  # type: ignore[arg-type]
                      *_tileseg_meta(attrs))
+
+
+def _what_is_there(path: str) -> str:
+    """``: an unfinished ... of X`` for a store tileseg left incomplete (a stopped convert), else nothing."""
+    try:
+        _, made_from, status = _tileseg_meta(dict(open_group(path).attrs))
+    except Exception:
+        return ""
+    return f": an unfinished 'tileseg convert' or run of {made_from} (its status is incomplete)" if status == "incomplete" and made_from else ""
 
 
 def _tileseg_meta(attrs: dict[str, Any]) -> tuple[bool, str | None, str | None]:
