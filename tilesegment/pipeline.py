@@ -192,10 +192,13 @@ def segment(
     _, config = load_checkpoint(checkpoint, "cpu", name=model or "the default model")
     _check_tile(tile_shape, config.size_multiple, config.architecture)
     if scheduler is None and client is None:  # an embedded cluster's workers share this machine's memory
-        available = device_memory_available(device)
-        if available is not None and not device.startswith("cuda"):
-            available //= workers or embedded_worker_count(device)
-        check_forward_memory(config, tile_shape, batch, device, available)
+        count = workers or embedded_worker_count(device)
+        if not device.startswith("cuda"):
+            available = device_memory_available(device)
+            check_forward_memory(config, tile_shape, batch, device, None if available is None else available // count)
+        elif count == 1:  # the worker runs in this process; asking a GPU first makes a CUDA context, which
+            # worker processes of their own would each have beside this one's (their forwards say when they run out)
+            check_forward_memory(config, tile_shape, batch, device, device_memory_available(device))
     _check_voxel_size(source, config.voxel_size, ignore_voxel_size)
     plan = BlockPlan.create(source.shape, tile_shape, overlap, write_unit(spec), block_shape)
     n_levels = check_levels(levels, source.shape)
