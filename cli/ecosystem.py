@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from .common import IGNORE_VOXEL_SIZE_OPTION, PROBABILITY_DTYPE_OPTION, SEGMENTATION_OPTIONS, handle_errors, parse_shape, show_progress, with_options
+from .common import IGNORE_VOXEL_SIZE_OPTION, PROBABILITY_DTYPE_OPTION, SEGMENTATION_OPTIONS, handle_errors, parse_shape, progress_bar, with_options
 
 
 @click.command()
@@ -31,12 +31,10 @@ def export(ctx: click.Context, output: str, mask: str, probabilities: str | None
       tileseg export seg.zarr seg_mask.mrc
       tileseg export seg.zarr seg_mask.mrc --probabilities seg_probs.mrc --level 1
     """
-    from tqdm import tqdm
-
     from tilesegment.export import export as run_export
 
     quiet = ctx.find_root().obj["quiet"]
-    with tqdm(total=None, unit="vox", unit_scale=True, disable=not show_progress(quiet), desc="export") as bar:
+    with progress_bar(quiet, total=None, unit="vox", unit_scale=True, desc="export") as bar:
         report = run_export(output, mask, probabilities=probabilities, level=level, overwrite=overwrite, progress=bar.update)
     if not quiet:
         voxel = "×".join(f"{v:.4g}" for v in report.voxel_size[::-1])
@@ -119,12 +117,10 @@ def copick(ctx: click.Context, config: str, run_name: str, voxel_spacing: float,
           --device cuda --batch 8 --session-id 1
       tileseg copick copick.json --run TS_001 --voxel-spacing 10 --tomo-type wbp --name macromolecule --resume
     """
-    from tqdm import tqdm
-
     from tilesegment.copick_io import segment_copick
 
     quiet = ctx.find_root().obj["quiet"]
-    bar = tqdm(total=0, unit="tile", disable=not show_progress(quiet), desc="segment", dynamic_ncols=True)
+    bar = progress_bar(quiet, total=0, unit="tile", desc="segment", dynamic_ncols=True)
 
     def on_start(plan: Any, link: str | None) -> None:
         bar.total = plan.grid.count

@@ -14,7 +14,7 @@ import click
 from tilesegment import __version__
 
 from .common import (IGNORE_VOXEL_SIZE_OPTION, PROBABILITY_DTYPE_OPTION, SEGMENTATION_OPTIONS, configure_logging, echo_json, handle_errors,
-                     parse_shape, show_progress, with_options)
+                     parse_shape, progress_bar, with_options)
 
 log = logging.getLogger("tilesegment.cli")
 
@@ -59,12 +59,10 @@ def convert(ctx: click.Context, input_path: str, output: str, ngff: str, chunk: 
       tileseg convert tomo.mrc tomo.zarr
       tileseg convert tomo.mrc tomo.zarr --ngff 0.5 --chunk 64 --shard 256
     """
-    from tqdm import tqdm
-
     from tilesegment.convert import convert as run_convert
 
     quiet = ctx.obj["quiet"]
-    with tqdm(total=None, unit="vox", unit_scale=True, disable=not show_progress(quiet), desc="convert") as bar:
+    with progress_bar(quiet, total=None, unit="vox", unit_scale=True, desc="convert") as bar:
         report = run_convert(input_path, output, ngff=ngff, chunk=parse_shape(chunk, "--chunk"), shard=parse_shape(shard, "--shard"), levels=levels,
                              overwrite=overwrite, progress=bar.update)
     if as_json:
@@ -91,11 +89,9 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def run_segmentation(quiet: bool, input_path: str, output: str, as_json: bool = False, **options: Any) -> Any:
-    from tqdm import tqdm
-
     from tilesegment.pipeline import segment
 
-    bar = tqdm(total=0, unit="tile", disable=not show_progress(quiet), desc="segment", dynamic_ncols=True)
+    bar = progress_bar(quiet, total=0, unit="tile", desc="segment", dynamic_ncols=True)
 
     def on_start(plan: Any, link: str | None) -> None:
         bar.total = plan.grid.count

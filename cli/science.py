@@ -8,7 +8,7 @@ from typing import Any, Iterator
 
 import click
 
-from .common import handle_errors, parse_shape, show_progress
+from .common import handle_errors, parse_shape, progress_bar
 
 
 @click.command()
@@ -146,8 +146,6 @@ def train(ctx: click.Context, output: str, data_dirs: tuple[str, ...], simulate_
       tileseg train model.safetensors --data sim1 --data sim2 --data sim3 --classes target:4v4r
     """
 
-    from tqdm import tqdm
-
     from tilesegment.errors import OptionError
     from tilesegment.storage import check_output_file
     from tilesegment.train import TrainConfig, train as run_train
@@ -181,7 +179,7 @@ def train(ctx: click.Context, output: str, data_dirs: tuple[str, ...], simulate_
                          validate_every=validate_every, patience=patience, device=device, seed=seed,
                          extra={"trained_on": list(kinds), "held_out": list(_ids(hold_out) or ())})
     quiet = ctx.find_root().obj["quiet"]
-    with tqdm(total=steps, unit="step", disable=not show_progress(quiet), desc="train") as bar:
+    with progress_bar(quiet, total=steps, unit="step", desc="train") as bar:
         def progress(step: int, record: dict) -> None:
             bar.update(step - bar.n)
             bar.set_postfix(loss=record["loss"], val_iou=record["validation_iou"])

@@ -67,6 +67,33 @@ def test_json_summaries_and_verbosity(tmp_path, identity_model):
     assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
 
 
+def test_progress_is_a_line_now_and_then_where_there_is_no_terminal(tmp_path, identity_model):
+    """A batch job's log gets progress lines (every TILESEG_PROGRESS_SECONDS, 60 by default), not a
+    bar's carriage returns; a short run says nothing before its summary."""
+    src = write_mrc(tmp_path / "tomo.mrc", random_volume((24, 24, 24)))
+    short = tileseg("run", src, str(tmp_path / "a.zarr"), "--model", identity_model, "--tile", "16")
+    assert short.returncode == 0 and "tileseg: segment:" not in short.stderr and "\r" not in short.stderr
+    env = {**os.environ, "CI": "1", "TILESEG_PROGRESS_SECONDS": "0"}
+    every = subprocess.run([*TILESEG, "run", src, str(tmp_path / "b.zarr"), "--model", identity_model, "--tile", "16"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    lines = [line for line in every.stderr.splitlines() if line.startswith("tileseg: segment:")]
+    assert every.returncode == 0 and lines and "\r" not in every.stderr, every.stderr
+    assert lines[-1].startswith("tileseg: segment: 8/8 tiles (100.0 %), ") and lines[-1].endswith(" left")
+
+
+def test_progress_lines_read_as_a_bar_would():
+    from tilesegment.cli.common import ProgressLines
+
+    steps = ProgressLines(2000, "step", "train", False, 3600.0)
+    steps.update(500)
+    steps.set_postfix(loss=0.1234567, val_iou=0.8)
+    started = steps._started
+    assert steps.line(started + 100) == "tileseg: train: 500/2000 steps (25.0 %), 5 steps/s, about 5 min left, loss 0.1235, val_iou 0.8"
+    voxels = ProgressLines(None, "vox", "convert", True, 3600.0)
+    voxels.update(3_500_000_000)
+    assert voxels.line(voxels._started + 10) == "tileseg: convert: 3.50 G vox, 350.00 M vox/s"
+
+
 def test_a_segmentation_given_as_the_tomogram_is_refused(tmp_path, identity_model):
     """An earlier run's output as INPUT (easy to mix up) would be segmented as if its labels were
     densities; the group and its arrays are refused, while evaluate and export still read it."""
