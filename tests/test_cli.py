@@ -222,6 +222,7 @@ def test_files_a_command_writes_are_checked_before_its_work(tmp_path, small_mrc)
     assert_one_line_error(tileseg("convert", str(tmp_path / "taken.png"), out), 3, "is a folder, not an MRC file")
     assert tileseg("convert", small_mrc, str(tmp_path / "in.zarr")).returncode == 0
     assert_one_line_error(tileseg("convert", str(tmp_path / "in.zarr"), out), 3, "is a Zarr store", "tileseg run")
+    assert_one_line_error(tileseg("status", str(tmp_path / "in.zarr")), 3, "is a tomogram 'tileseg convert' made from", "not a segmentation")
     # an anisotropic voxel is said as it is (the summary said the x size alone)
     flat = write_mrc(tmp_path / "flat.mrc", random_volume((16, 24, 24)), voxel=(10.0, 10.0, 20.0))
     summary = tileseg("convert", flat, str(tmp_path / "flat.zarr"), "--levels", "1")

@@ -150,7 +150,10 @@ def describe_output(output: str) -> OutputStatus:
     if state is None:
         raise InputError(f"{output}: no such file or directory.", "Check the path.")
     if state == "foreign":
-        raise InputError(f"{output} is not a tileseg segmentation.", "Give an OUTPUT.zarr written by 'tileseg run'.")
+        ours = read_attrs(output).get("tilesegment")
+        source = ours.get("source") if isinstance(ours, dict) else None
+        what = f"a tomogram 'tileseg convert' made from {source}, not a segmentation" if source else "not a tileseg segmentation"
+        raise InputError(f"{output} is {what}.", "Give an OUTPUT.zarr written by 'tileseg run'.")
     info = recorded_run(output)
     blocks = int(info.get("blocks", 0))
     done = blocks if state == "complete" else len(list(BlockJournal(output).done()))
