@@ -145,7 +145,6 @@ def train(ctx: click.Context, output: str, data_dirs: tuple[str, ...], simulate_
       tileseg train model.safetensors --simulate 8 --snr 0.5
       tileseg train model.safetensors --data sim1 --data sim2 --data sim3 --classes target:4v4r
     """
-
     from tilesegment.errors import OptionError
     from tilesegment.storage import check_output_file
     from tilesegment.train import TrainConfig, train as run_train

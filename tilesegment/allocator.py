@@ -141,13 +141,14 @@ def cgroup_room() -> int | None:
 def _rooms_up_to(base: str, path: str, limit_name: str, used_name: str) -> list[int]:
     """limit - used of every limited cgroup from ``base/path`` up to ``base``."""
     rooms = []
+    base = os.path.normpath(base)
     folder = os.path.normpath(os.path.join(base, path.lstrip("/")))
     while True:
         limit = _read_number(os.path.join(folder, limit_name))
         if limit is not None and limit < _NO_LIMIT:
             used = _stat_value(os.path.join(folder, "memory.stat"), used_name)
             rooms.append(max(0, limit - (used or 0)))
-        if os.path.normpath(folder) == os.path.normpath(base) or len(folder) <= len(base):
+        if len(folder) <= len(base):  # base itself (or a path that climbed out of it)
             return rooms
         folder = os.path.dirname(folder)
 

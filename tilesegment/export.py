@@ -14,6 +14,7 @@ next to its target, header last, then renamed: a killed export never leaves a va
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -27,7 +28,7 @@ from mrcfile.mrcinterpreter import MrcInterpreter
 from .errors import InputError, OptionError
 from .geometry import Shape
 from .result import Segmentation, open_segmentation, origin_xyz
-from .storage import check_output_file
+from .storage import check_output_file, replaced_when_written
 from .zarr_io import open_array
 
 __all__ = ["export", "ExportReport", "probability_files", "SLAB_BYTES"]
@@ -99,11 +100,6 @@ def _planes_per_slab(array: zarr.Array, plane_bytes: int) -> int:
     depth = max(1, SLAB_BYTES // max(1, plane_bytes))
     chunk = array.chunks[-3]
     return depth // chunk * chunk if depth >= chunk else depth
-
-
-def _partial(target: str) -> str:
-    folder, name = os.path.split(os.path.abspath(target))
-    return os.path.join(folder, f".{name}.{os.getpid()}.partial")
 
 
 def _stream(array_path: str, channel: int | None, partial: str, dtype: np.dtype, convert: Callable[[np.ndarray], np.ndarray],
@@ -179,16 +175,10 @@ def export(output: str | os.PathLike, mask: str | os.PathLike, *, probabilities:
     for channel, target in prob_files:
         name = segmentation.class_name(channel if segmentation.channels > 1 else 1)
         jobs.append((segmentation.probabilities[index], channel, target, np.dtype("<f4"), _probabilities_to_float, f"P({name})"))
-    partials = [_partial(job[2]) for job in jobs]
-    try:  # every file under its temporary name first, so an interrupted export leaves no MRC at all
+    with contextlib.ExitStack() as files:  # every file under its temporary name first, so an interrupted export leaves no MRC at all
+        partials = [files.enter_context(replaced_when_written(job[2])) for job in jobs]
         for (array_path, channel, _, dtype, convert, what), partial in zip(jobs, partials):
             label = f"tileseg export: {what} of {os.path.basename(output)} ({where})".encode("ascii", "replace").decode()
             _stream(array_path, channel, partial, dtype, convert, voxel, origin, label, progress)
-        for job, partial in zip(jobs, partials):
-            os.replace(partial, job[2])
-    finally:
-        for partial in partials:
-            if os.path.exists(partial):
-                os.remove(partial)
     return ExportReport(mask, tuple(p for _, p in prob_files), shape, index, voxel, origin,
                         0 if label_dtype.itemsize == 1 else 6, time.perf_counter() - started)

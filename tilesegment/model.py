@@ -240,15 +240,10 @@ def checkpoint_bytes(model: nn.Module, config: ModelConfig) -> bytes:
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, config: ModelConfig) -> None:
     """Write the checkpoint under a temporary name and rename it: a failed write (a full disk)
     leaves any older checkpoint of that name whole."""
-    path = os.fspath(path)
-    partial = f"{path}.{os.getpid()}.partial"
-    try:
-        with open(partial, "wb") as f:
-            f.write(checkpoint_bytes(model, config))
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    from .storage import replaced_when_written
+
+    with replaced_when_written(os.fspath(path)) as partial, open(partial, "wb") as f:
+        f.write(checkpoint_bytes(model, config))
 
 
 def default_checkpoint_path() -> str:

@@ -20,7 +20,7 @@ from .journal import BlockJournal
 from .lock import lock_holder
 from .ome import image_label, multiscales, ome_attrs
 from .storage import describe_failure, exists, remedy
-from .zarr_io import LABEL_COMPRESSION, PROBABILITY_COMPRESSION, ArraySpec, create_array, create_group, read_attrs, update_attrs
+from .zarr_io import LABEL_COMPRESSION, PROBABILITY_COMPRESSION, ArraySpec, create_array, create_group, read_attrs, tileseg_meta, update_attrs
 
 __all__ = ["OutputLayout", "OutputStatus", "describe_output", "output_state", "decide", "check_same_run", "create_output", "finish_output",
            "CREATE", "CONTINUE", "FINISHED"]
@@ -150,8 +150,7 @@ def describe_output(output: str) -> OutputStatus:
     if state is None:
         raise InputError(f"{output}: no such file or directory.", "Check the path.")
     if state == "foreign":
-        ours = read_attrs(output).get("tilesegment")
-        source = ours.get("source") if isinstance(ours, dict) else None
+        _, source, _ = tileseg_meta(read_attrs(output))  # a foreign store records no run: a source is convert's
         what = f"a tomogram 'tileseg convert' made from {source}, not a segmentation" if source else "not a tileseg segmentation"
         raise InputError(f"{output} is {what}.", "Give an OUTPUT.zarr written by 'tileseg run'.")
     info = recorded_run(output)

@@ -20,7 +20,7 @@ from .errors import InputError, OptionError, OutputError
 from .geometry import Box, ceil_div
 from .ome import LABEL_COLORS
 from .result import Segmentation, find_input, open_segmentation
-from .storage import check_output_file
+from .storage import check_output_file, replaced_when_written
 from .volume import VolumeSource, describe_zarr_input, open_volume, read_volume
 from .zarr_io import read_region
 
@@ -203,13 +203,9 @@ def preview(output: str | os.PathLike, png: str | os.PathLike, *, tomogram: str 
     info = [f"xy at z={at[0]}, xz at y={at[1]}, yz at x={at[2]}",
             f"level {level}{f' every {step}' if step > 1 else ''}, {segmentation.voxel_sizes[level][-1] * step / 10:.3g} nm/voxel"]
     image, panels = _compose(rgb, zoom, entries, info)
-    partial = os.path.join(os.path.dirname(os.path.abspath(png)), f".{os.path.basename(png)}.{os.getpid()}.partial")
     try:
-        image.save(partial, format="PNG", optimize=True)
-        os.replace(partial, png)
+        with replaced_when_written(png) as partial:
+            image.save(partial, format="PNG", optimize=True)
     except OSError as exc:
         raise OutputError(f"cannot write {png}: {exc.strerror or exc}.", "Check that its folder exists and is writable.") from None
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
     return PreviewReport(png, image.size, level, step, zoom, at, panels, source_path, note)

@@ -13,13 +13,14 @@ existence are read while other processes write them, and a stale listing would h
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import posixpath
 import re
-from typing import Any
+from typing import Any, Iterator
 
-__all__ = ["check_output_file", "is_url", "filesystem", "exists", "isdir", "join", "parent", "basename", "normalize", "zarr_store",
+__all__ = ["check_output_file", "replaced_when_written", "is_url", "filesystem", "exists", "isdir", "join", "parent", "basename", "normalize", "zarr_store",
            "storage_options", "describe_failure", "remedy", "is_write_failure", "write_failure"]
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
@@ -180,3 +181,18 @@ def check_output_file(path: str, overwrite: bool, example: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise OutputError(f"cannot write {path}: the folder {folder} does not exist or is not writable.", "Create it, or write elsewhere.")
+
+
+@contextlib.contextmanager
+def replaced_when_written(path: str) -> Iterator[str]:
+    """A temporary name beside the local file ``path`` (hidden, this process's) to write it under:
+    renamed onto ``path`` when the block ends without an error, removed otherwise, so that no
+    reader sees half a file and a failed write leaves an older file of that name whole."""
+    folder, name = os.path.split(os.path.abspath(path))
+    partial = os.path.join(folder, f".{name}.{os.getpid()}.partial")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)

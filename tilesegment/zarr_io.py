@@ -44,6 +44,7 @@ __all__ = [
     "describe_zarr_input",
     "update_attrs",
     "read_attrs",
+    "tileseg_meta",
     "write_unit",
     "output_spec",
 ]
@@ -311,19 +312,19 @@ def describe_zarr_input(path: str) -> ZarrInput:
     if array.dtype.kind not in "iuf":
         raise InputError(f"{path}: array dtype {array.dtype} is not numeric.", "Give an integer or float volume.")
     return ZarrInput(array_path, tuple(int(n) for n in array.shape[-3:]), array.dtype.str, voxel, levels, origin,  # type: ignore[arg-type]
-                     *_tileseg_meta(attrs))
+                     *tileseg_meta(attrs))
 
 
 def _what_is_there(path: str) -> str:
     """``: an unfinished ... of X`` for a store tileseg left incomplete (a stopped convert), else nothing."""
     try:
-        _, made_from, status = _tileseg_meta(dict(open_group(path).attrs))
+        _, made_from, status = tileseg_meta(read_attrs(path))
     except Exception:
         return ""
     return f": an unfinished 'tileseg convert' or run of {made_from} (its status is incomplete)" if status == "incomplete" and made_from else ""
 
 
-def _tileseg_meta(attrs: dict[str, Any]) -> tuple[bool, str | None, str | None]:
+def tileseg_meta(attrs: dict[str, Any]) -> tuple[bool, str | None, str | None]:
     """What a group's attributes say it is: a label image (OME ``image-label``, or a ``tileseg run``
     output, which has that metadata only once complete), the input a tileseg output records
     (run's ``input``, convert's ``source``), and a tileseg output's status."""
