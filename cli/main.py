@@ -54,10 +54,14 @@ def convert(ctx: click.Context, input_path: str, output: str, ngff: str, chunk: 
             overwrite: bool, as_json: bool) -> None:
     """Convert an MRC tomogram to a chunked, compressed, multiscale OME-Zarr (streamed).
 
+    A compressed MRC (.mrc.gz, .map.gz, .bz2, .xz) is decompressed on the way, into a temporary
+    copy beside OUTPUT that is removed afterwards.
+
     \b
     Example:
       tileseg convert tomo.mrc tomo.zarr
       tileseg convert tomo.mrc tomo.zarr --ngff 0.5 --chunk 64 --shard 256
+      tileseg convert emd_1234.map.gz emd_1234.zarr
     """
     from tilesegment.convert import convert as run_convert
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import warnings
 from unittest import mock
 
 import mrcfile
@@ -220,6 +222,20 @@ def test_big_endian(tmp_path, dtype):
     assert stored.dtype.isnative and stored.dtype == np.dtype(dtype).newbyteorder("=")
     assert np.array_equal(bits(stored), bits(data.astype(stored.dtype)))
     assert report.dtype == stored.dtype.name
+
+
+def test_unsigned_bytes_of_an_imod_file_convert_as_uint8(tmp_path):
+    """IMOD's unsigned byte tomograms keep their values (not wrapped round to negative) in a uint8 Zarr,
+    its pyramid a mean of the unsigned values."""
+    from .test_mrc import byte_file
+
+    values = np.random.default_rng(4).integers(0, 256, size=(16, 18, 20), dtype=np.uint8)
+    out = tmp_path / "out.zarr"
+    report = convert(byte_file(tmp_path / "b.mrc", values, stamp=1146047817, flags=0), out, chunk=8, levels=2)
+    assert report.dtype == "uint8"
+    np.testing.assert_array_equal(level(out, 0), values)
+    assert level(out, 1).dtype == np.uint8
+    np.testing.assert_array_equal(level(out, 1), np.rint(mean2(values)).astype(np.uint8))
 
 
 def test_volume_smaller_than_a_chunk(tmp_path):
@@ -500,3 +516,139 @@ def test_level_1_from_the_regions_equals_level_1_from_the_stored_level_0(tmp_pat
     assert set(built_from) == {"0", "1"}
     for i in range(3):
         assert np.array_equal(bits(level(tmp_path / "regions.zarr", i)), bits(level(tmp_path / "stored.zarr", i)))
+
+
+# --- compressed MRC files (.mrc.gz, .bz2, .xz) ---------------------------------------------------
+
+
+def compressed(path, data: np.ndarray, kind: str, **kwargs) -> str:
+    """``data`` as an MRC file compressed with ``kind`` (gzip and bzip2 by mrcfile itself, xz by lzma)."""
+    import lzma
+
+    if kind == "xz":
+        plain = mrc_file(f"{path}.plain", data, **kwargs)
+        with open(plain, "rb") as f, lzma.open(path, "wb") as out:
+            out.write(f.read())
+        os.remove(plain)
+        return str(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NaN/inf in the data
+        with mrcfile.new(str(path), compression=kind) as mrc:
+            mrc.set_data(data)
+            mrc.voxel_size = (1.5, 2.5, 3.5)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["gzip", "bzip2", "xz"])
+def test_a_compressed_mrc_converts_exactly_and_leaves_no_copy(tmp_path, kind, monkeypatch):
+    import tilesegment.decompress as decompress
+
+    monkeypatch.setattr(decompress, "PIECE", 1000)  # many pieces, one ending inside the header
+    data = sample(ODD, np.int16, seed=3)
+    src = compressed(tmp_path / f"in.mrc.{kind}", data, kind)
+    plain = tmp_path / "plain.zarr"
+    convert(mrc_file(tmp_path / "plain.mrc", data), plain, chunk=16, levels=2)
+    os.remove(tmp_path / "plain.mrc")
+    calls: list[int] = []
+    report = convert(src, tmp_path / "out.zarr", chunk=16, levels=2, progress=calls.append)
+    assert report.voxel_size == (3.5, 2.5, 1.5)
+    for i in range(2):
+        np.testing.assert_array_equal(bits(level(tmp_path / "out.zarr", i)), bits(level(plain, i)))
+    assert group_of(tmp_path / "out.zarr").attrs["tilesegment"]["source"] == f"in.mrc.{kind}"
+    # the decompression is counted too: the volume's voxels once more than a plain convert
+    assert sum(calls) == data.size + sum(int(np.prod(group_of(plain)[str(i)].shape)) for i in range(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in.mrc." + kind, "out.zarr", "plain.zarr"])
+
+
+def test_a_compressed_mrc_is_decompressed_beside_the_output(tmp_path, monkeypatch):
+    seen: list[str] = []
+    real = convert_module.decompressed_copy
+
+    @contextlib.contextmanager
+    def watching(*args, **kwargs):
+        with real(*args, **kwargs) as copy:
+            seen.append(copy)
+            assert os.path.getsize(copy) == 1024 + 2 * data.size
+            yield copy
+
+    monkeypatch.setattr(convert_module, "decompressed_copy", watching)
+    data = sample((8, 9, 10), np.int16)
+    (tmp_path / "out").mkdir()
+    convert(compressed(tmp_path / "in.mrc.gz", data, "gzip"), tmp_path / "out" / "tomo.zarr", levels=1)
+    assert len(seen) == 1 and os.path.dirname(seen[0]) == str(tmp_path / "out") and not os.path.exists(seen[0])
+
+
+def test_a_compressed_mrc_is_checked_from_its_header_before_any_output(tmp_path):
+    """A bad header inside the compressed file is found before the output exists, with the file's own name."""
+    import gzip
+
+    src = tmp_path / "flat.mrc.gz"
+    compressed(src, sample((1, 8, 8), np.float32), "gzip")
+    with pytest.raises(InputError, match="is a 2D image") as info:
+        convert(src, tmp_path / "out.zarr")
+    assert str(src) in info.value.what and not (tmp_path / "out.zarr").exists()
+    (tmp_path / "junk.mrc.gz").write_bytes(gzip.compress(b"not an MRC file at all" * 100))
+    with pytest.raises(InputError, match="no 'MAP ' signature"):
+        convert(tmp_path / "junk.mrc.gz", tmp_path / "out.zarr")
+    (tmp_path / "tiny.mrc.gz").write_bytes(gzip.compress(b"MAP "))
+    with pytest.raises(InputError, match="too short to hold an MRC header"):
+        convert(tmp_path / "tiny.mrc.gz", tmp_path / "out.zarr")
+    assert not (tmp_path / "out.zarr").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated stream", "truncated data", "corrupt"])
+def test_a_damaged_compressed_mrc_is_one_line_and_leaves_no_copy(tmp_path, damage):
+    import gzip
+
+    src = tmp_path / "in.mrc.gz"
+    data = sample((16, 16, 16), np.float32)
+    if damage == "truncated data":  # a complete gzip stream of an MRC file missing its last plane
+        raw = open(mrc_file(tmp_path / "whole.mrc", data), "rb").read()
+        os.remove(tmp_path / "whole.mrc")
+        src.write_bytes(gzip.compress(raw[: -16 * 16 * 4]))
+    else:
+        blob = bytearray(open(compressed(src, data, "gzip"), "rb").read())
+        if damage == "truncated stream":
+            blob = blob[: len(blob) // 2]
+        else:
+            blob[len(blob) // 2 : len(blob) // 2 + 64] = bytes(64)
+        src.write_bytes(bytes(blob))
+    with pytest.raises(InputError) as info:
+        convert(src, tmp_path / "out.zarr")
+    assert info.value.what.startswith(f"{src}: ") and info.value.fix and "\n" not in info.value.message
+    assert {"truncated stream": "ends before its end marker", "truncated data": "header promises",
+            "corrupt": "not a readable gzip file"}[damage] in info.value.what
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mrc.gz", "out.zarr"]  # the unfinished output, no copy
+    assert group_of(tmp_path / "out.zarr").attrs["tilesegment"]["status"] == "incomplete"
+
+
+def test_no_room_for_the_decompressed_copy_is_refused_before_writing_it(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    import tilesegment.decompress as decompress
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(decompress.shutil, "disk_usage", lambda folder: usage(10**6, 10**6 - 5000, 5000))
+    src = compressed(tmp_path / "in.mrc.gz", sample((8, 16, 16), np.float32), "gzip")
+    with pytest.raises(OutputError, match=r"needs 0\.00 GiB in .* which has 0\.00 GiB free") as info:
+        convert(src, tmp_path / "out.zarr")
+    assert "gunzip -c" in info.value.fix
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mrc.gz", "out.zarr"]
+
+
+def test_a_compressed_mrc_elsewhere_names_convert_and_the_decompressor(tmp_path):
+    from tilesegment.mrc import inspect_mrc
+
+    for kind, command in [("gzip", "gunzip -k"), ("bzip2", "bunzip2 -k"), ("xz", "unxz -k")]:
+        src = compressed(tmp_path / f"in.mrc.{kind}", sample((4, 4, 4), np.float32), kind)
+        with pytest.raises(InputError, match=f"is {kind}-compressed") as info:
+            inspect_mrc(src)
+        assert "tileseg convert" in info.value.fix and f"{command} {src}" in info.value.fix
+
+
+def test_zstd_is_recognised_and_left_to_zstd(tmp_path):
+    src = tmp_path / "in.mrc.zst"
+    src.write_bytes(b"\x28\xb5\x2f\xfd" + bytes(2000))
+    with pytest.raises(InputError, match="zstd-compressed, which tileseg cannot decompress") as info:
+        convert(src, tmp_path / "out.zarr")
+    assert f"zstd -d {src}" in info.value.fix and not (tmp_path / "out.zarr").exists()

@@ -156,6 +156,60 @@ def test_trailing_bytes_after_the_data_are_ignored(tmp_path):
     np.testing.assert_array_equal(read_mrc_region(info, Box.from_shape(info.shape)), data)
 
 
+# --- mode 0: signed or unsigned bytes, by IMOD's rule ----------------------------------------
+
+IMOD_STAMP_AT, IMOD_FLAGS_AT, DMIN, DMAX = 152, 156, 76, 80
+
+
+def byte_file(path, values: np.ndarray, endian: str = "<", stamp: int | None = None, flags: int = 0,
+              dmin: float | None = None, dmax: float | None = None) -> str:
+    """A mode-0 file holding the bytes of ``values``; its header stamped by IMOD (or not), with the
+    minimum and maximum given (or mrcfile's own statistics of the bytes read as signed)."""
+    with mrcfile.new(str(path), overwrite=True) as mrc:
+        if endian == ">":
+            mrc.set_data(np.zeros((2, 2, 2), ">i2"))  # the header becomes big-endian, and stays so
+        mrc.set_data(values.view(np.int8))
+    if stamp is not None:
+        patch(path, IMOD_STAMP_AT, stamp, endian + "i")
+        patch(path, IMOD_FLAGS_AT, flags, endian + "i")
+    if dmin is not None:
+        patch(path, DMIN, dmin, endian + "f")
+        patch(path, DMAX, dmax, endian + "f")
+    return str(path)
+
+
+@pytest.mark.parametrize("endian", ["<", ">"])
+@pytest.mark.parametrize("flags, dtype", [(0, np.uint8), (1, np.int8), (4, np.uint8), (5, np.int8)])
+def test_an_imod_stamped_byte_file_says_whether_its_bytes_are_signed(tmp_path, endian, flags, dtype):
+    values = np.arange(5 * 6 * 7, dtype=np.uint8).reshape(5, 6, 7)  # 0..209: half of them above 127
+    path = byte_file(tmp_path / "b.mrc", values, endian, stamp=1146047817, flags=flags)
+    info = inspect_mrc(path)
+    assert np.dtype(info.dtype) == np.dtype(dtype) and info.mode == 0
+    np.testing.assert_array_equal(read_mrc_region(info, Box.from_shape(info.shape)), values.view(dtype))
+
+
+@pytest.mark.parametrize("dmin, dmax, dtype", [
+    (None, None, np.int8),  # mrcfile's statistics of signed bytes: -128..127
+    (0.0, 255.0, np.uint8),  # no signed byte reaches 255
+    (0.0, 100.0, np.int8),  # either: the standard's signed
+    (-10.0, 250.0, np.uint8),  # neither: the closer reading
+    (-120.0, 130.0, np.int8),
+    (float("nan"), float("nan"), np.int8),
+])
+def test_a_byte_file_without_imod_stamp_is_unsigned_only_where_its_range_says_so(tmp_path, dmin, dmax, dtype):
+    values = sample((4, 5, 6), np.int8).view(np.uint8)
+    info = inspect_mrc(byte_file(tmp_path / "b.mrc", values, dmin=dmin, dmax=dmax))
+    assert np.dtype(info.dtype) == np.dtype(dtype)
+    np.testing.assert_array_equal(read_mrc_region(info, Box.from_shape(info.shape)), values.view(dtype))
+
+
+def test_an_imod_stamp_on_wider_modes_changes_nothing(tmp_path):
+    path = mrc_file(tmp_path / "a.mrc", sample((3, 4, 5), np.int16))
+    patch(path, IMOD_STAMP_AT, 1146047817)
+    patch(path, IMOD_FLAGS_AT, 0)
+    assert np.dtype(inspect_mrc(path).dtype) == np.int16
+
+
 # --- read_mrc_region --------------------------------------------------------------------------
 
 REGIONS = [Box((0, 0, 0), (9, 11, 13)), Box((0, 0, 0), (1, 1, 1)), Box((8, 10, 12), (9, 11, 13)),

@@ -327,3 +327,38 @@ def test_bf16_autocast_agrees_with_fp32_and_fp16_and_tf32_need_a_gpu(tmp_path, c
         segment(src, str(tmp_path / "fp16.zarr"), tile=32, client=client, precision="fp16")
     with pytest.raises(OptionError, match="tf32 needs an NVIDIA GPU"):
         segment(src, str(tmp_path / "tf32.zarr"), tile=32, client=client, precision="tf32")
+
+
+# --- a tomogram at another voxel size: refused, with a pyramid level that fits where there is one ---
+
+
+def test_a_finer_tomogram_is_refused_naming_the_level_that_fits_and_that_level_segments(tmp_path, client, identity_model):
+    from tilesegment.convert import convert
+    from tilesegment.errors import InputError
+
+    data = random_volume((32, 32, 32), seed=2)
+    mrc = write_mrc(tmp_path / "fine.mrc", data, voxel=5.0)  # the identity model's is 10 Å
+    with pytest.raises(InputError, match="voxel size 5 × 5 × 5 Å is 0.50× the model's 10 Å") as info:
+        segment(mrc, tmp_path / "a.zarr", model=identity_model, tile=8, client=client)
+    assert "'tileseg convert' writes it 2× binned (10 Å/voxel) as pyramid level 1" in info.value.fix
+    assert "Otherwise bin or rescale" in info.value.fix and not (tmp_path / "a.zarr").exists()
+    convert(mrc, tmp_path / "fine.zarr", chunk=16, levels=2)
+    with pytest.raises(InputError) as info:
+        segment(tmp_path / "fine.zarr", tmp_path / "a.zarr", model=identity_model, tile=8, client=client)
+    assert f"Its pyramid level {tmp_path / 'fine.zarr'}/1 is 10 × 10 × 10 Å/voxel" in info.value.fix
+    out = str(tmp_path / "a.zarr")
+    segment(f"{tmp_path / 'fine.zarr'}/1", out, model=identity_model, tile=8, overlap=0.5, chunk=8, probabilities=True,
+            probability_dtype="float32", client=client)
+    coarse = np.asarray(zarr.open_array(str(tmp_path / "fine.zarr" / "1"), mode="r")[:])  # the 2x means of the data
+    np.testing.assert_allclose(probabilities(out)[0], coarse, rtol=1e-5, atol=1e-6)
+    entry = zarr.open_group(out, mode="r").attrs["multiscales"][0]
+    assert entry["datasets"][0]["coordinateTransformations"][0]["scale"][-3:] == [10.0, 10.0, 10.0]  # Å: level 1's
+
+
+def test_a_coarser_tomogram_gets_no_level_hint(tmp_path, client, identity_model):
+    from tilesegment.errors import InputError
+
+    mrc = write_mrc(tmp_path / "coarse.mrc", random_volume((24, 24, 24)), voxel=20.0)
+    with pytest.raises(InputError) as info:
+        segment(mrc, tmp_path / "a.zarr", model=identity_model, tile=8, client=client)
+    assert info.value.fix.startswith("Bin or rescale the tomogram to about 10 Å/voxel")

@@ -223,6 +223,30 @@ def test_mrc_validation_errors_are_the_same_for_objects(tmp_path, prefix):
         inspect_mrc(f"{prefix}/missing.mrc")
 
 
+def test_a_compressed_mrc_on_s3_converts_like_the_local_file(tmp_path, prefix, monkeypatch):
+    """The .mrc.gz object is streamed through gzip into a temporary copy: in the system's temporary
+    folder for an output in the store, beside a local output; the copy is gone afterwards."""
+    import gzip
+    import tempfile
+
+    volume = random_volume((20, 24, 28), seed=8)
+    local = write_mrc(tmp_path / "tomo.mrc", volume)
+    packed = tmp_path / "tomo.mrc.gz"
+    packed.write_bytes(gzip.compress(open(local, "rb").read()))
+    url = upload(str(packed), f"{prefix}/tomo.mrc.gz")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    convert(url, f"{prefix}/tomo.zarr", chunk=16, levels=2)
+    convert(url, tmp_path / "here.zarr", chunk=16, levels=2)
+    for i in range(2):
+        expected = np.asarray(zarr.open_array(str(tmp_path / "here.zarr" / str(i)), mode="r")[:])
+        np.testing.assert_array_equal(np.asarray(zarr.open_array(zarr_store(f"{prefix}/tomo.zarr/{i}"), mode="r")[:]), expected)
+    np.testing.assert_array_equal(np.asarray(zarr.open_array(str(tmp_path / "here.zarr" / "0"), mode="r")[:]), volume)
+    assert list(scratch.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here.zarr", "scratch", "tomo.mrc", "tomo.mrc.gz"]
+
+
 @pytest.fixture(scope="module")
 def mrc_run(s3, tomogram, small_net, client) -> tuple[str, str]:
     """``(s3://…/tomo.mrc, s3://…/seg.zarr)``: the MRC uploaded and segmented from S3 to S3."""

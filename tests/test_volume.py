@@ -59,3 +59,29 @@ def test_nan_in_a_sampled_plane_is_refused_with_its_place(tmp_path, monkeypatch,
     monkeypatch.setattr(volume, "STATS_SAMPLE_VOXELS", data.size / 27)
     with pytest.raises(InputError, match="z=12"):
         intensity_statistics(open_volume(path))
+
+
+# --- the voxel size of a pyramid level, and a level that fits the model --------------------------
+
+
+def test_a_pyramid_level_given_as_input_has_its_own_voxel_size(tmp_path):
+    """tomo.zarr/1 is twice level 0's voxel size (it was level 0's), and an array the image's
+    metadata do not list has none."""
+    from tilesegment.convert import convert
+
+    convert(write_mrc(tmp_path / "t.mrc", np.zeros((32, 32, 32), np.float32), voxel=5.0), tmp_path / "t.zarr", chunk=16, levels=2)
+    assert open_volume(str(tmp_path / "t.zarr")).voxel_size == (5.0, 5.0, 5.0)
+    assert open_volume(str(tmp_path / "t.zarr" / "0")).voxel_size == (5.0, 5.0, 5.0)
+    assert open_volume(str(tmp_path / "t.zarr" / "1")).voxel_size == (10.0, 10.0, 10.0)
+    assert open_volume(str(tmp_path / "t.zarr")).zarr.level_voxel_sizes == ((5.0, 5.0, 5.0), (10.0, 10.0, 10.0))
+    zarr.open_group(str(tmp_path / "t.zarr"), mode="a").create_array("extra", shape=(4, 4, 4), dtype="f4")
+    assert open_volume(str(tmp_path / "t.zarr" / "extra")).voxel_size is None
+
+
+def test_a_scale_for_the_whole_image_multiplies_each_levels(tmp_path):
+    from tilesegment.ome import dataset_voxel_sizes
+
+    entry = {"axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"],
+             "coordinateTransformations": [{"type": "scale", "scale": [2.0, 2.0, 2.0]}],
+             "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [0.5, 0.5, 1.0]}]}]}
+    assert dataset_voxel_sizes(entry) == [(10.0, 10.0, 20.0)]

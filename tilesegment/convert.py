@@ -1,14 +1,16 @@
 """``convert``: stream an MRC tomogram into a chunked, compressed, multiscale OME-Zarr image.
 
 Level 0 is copied region by region (a slab two write units deep, tiled in y and x so a region stays
-around 64 MiB whatever the tomogram's width) through a short-lived memory map; each region also
-writes its own 2× mean into level 1, so the level is built without reading level 0 back; each later
-level is built from the stored level below. Peak memory is a few regions, independent of the
-volume's size. Values and dtype are kept exactly; the voxel size and origin come from the header.
+around 64 MiB whatever the tomogram's width) with positioned reads; each region also writes its own
+2× mean into level 1, so the level is built without reading level 0 back; each later level is built
+from the stored level below. Peak memory is a few regions, independent of the volume's size. Values
+and dtype are kept exactly; the voxel size and origin come from the header. A compressed MRC
+(``.mrc.gz``, ``.bz2``, ``.xz``) is first decompressed into a temporary copy (:mod:`.decompress`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +22,8 @@ import numpy as np
 from . import __version__
 from .errors import OptionError
 from .geometry import Box, Shape, ceil_div
-from .mrc import inspect_mrc, read_mrc_region
+from .decompress import compressed_header, decompressed_copy, file_compression, temporary_folder
+from .mrc import MrcInfo, inspect_mrc, read_mrc_region
 from .ome import multiscales, ome_attrs
 from .pyramid import build_level_region, check_levels, level_regions, level_shapes, levels_in_blocks, write_block_levels
 from .storage import basename
@@ -80,7 +83,8 @@ def convert(
     spec = output_spec(ngff, chunk, shard)
     if threads < 1:
         raise OptionError(f"threads={threads} is not a number of threads.", "Give 1 or more.")
-    info = inspect_mrc(input_path)
+    compression = file_compression(input_path)  # a .mrc.gz: its header now, its voxels decompressed once the output is made
+    info = compressed_header(input_path, compression) if compression else inspect_mrc(input_path)
     n_levels = check_levels(levels, info.shape)
     shapes = level_shapes(info.shape, n_levels)
     dtype = np.dtype(info.dtype).newbyteorder("=")
@@ -106,12 +110,16 @@ def convert(
     in_regions = levels_in_blocks(tuple(ceil_div(n, p) for n, p in zip(info.shape, piece)), piece, unit, n_levels)  # type: ignore[arg-type]
     level0, coarser = f"{output}/0", [f"{output}/{level}" for level in range(1, in_regions + 1)]
 
-    def copy(box: Box) -> int:
-        data = read_mrc_region(info, box)
+    def copy(source: MrcInfo, box: Box) -> int:
+        data = read_mrc_region(source, box)
         write_region(level0, box, data)
         return box.size + write_block_levels(coarser, box, data, "mean", info.shape)
 
-    _run(copy, ((box,) for box in regions), threads, progress)
+    with contextlib.ExitStack() as stack:
+        source = info
+        if compression:
+            source = inspect_mrc(stack.enter_context(decompressed_copy(input_path, compression, temporary_folder(output), progress)))
+        _run(copy, ((source, box) for box in regions), threads, progress)
     for level in range(in_regions + 1, n_levels):
         tasks = [(f"{output}/{level - 1}", f"{output}/{level}", box, shapes[level - 1], "mean")
                  for box in level_regions(shapes[level], unit)]

@@ -21,10 +21,11 @@ from .errors import InputError
 from .geometry import Box, Shape
 from .storage import describe_failure, filesystem, is_url, remedy
 
-__all__ = ["MrcInfo", "SUPPORTED_MODES", "inspect_mrc", "read_mrc_region"]
+__all__ = ["MrcInfo", "SUPPORTED_MODES", "compression_of", "info_from_header", "inspect_mrc", "read_mrc_region", "unsigned_bytes"]
 
-SUPPORTED_MODES = {0: "int8", 1: "int16", 2: "float32", 6: "uint16", 12: "float16"}
+SUPPORTED_MODES = {0: "int8 or uint8", 1: "int16", 2: "float32", 6: "uint16", 12: "float16"}
 HEADER_BYTES = 1024
+IMOD_STAMP = 1146047817  # 'IMOD' at byte 152; imodFlags follows at 156, bit 0 set when mode-0 bytes are signed
 # Object stores: a request costs about as much as reading this many more bytes, so row spans closer
 # than this are fetched as one range; a range never exceeds RANGE_BYTES, and a batch of concurrent
 # ranges never exceeds BATCH_BYTES (memory stays near one region).
@@ -86,15 +87,13 @@ def _a_folder(path: str) -> InputError:
 
 
 def _read_header(path: str) -> tuple[int, bytes]:
-    """``(size, first 1024 bytes)`` of a local file or a stored object, or the reason there are none."""
+    """``(size, first 1024 bytes or fewer)`` of a local file or a stored object, or the reason there are none."""
     if not is_url(path):
         if not os.path.exists(path):
             raise _fail(path, "no such file.", "Check the path (and that the file system is mounted).")
         if os.path.isdir(path):
             raise _a_folder(path)
         file_size = os.path.getsize(path)
-        if file_size < HEADER_BYTES:
-            raise _too_short(path, file_size)
         try:
             with open(path, "rb") as stream:
                 return file_size, stream.read(HEADER_BYTES)
@@ -106,9 +105,7 @@ def _read_header(path: str) -> tuple[int, bytes]:
         if info.get("type") == "directory":
             raise _a_folder(path)
         file_size = int(info["size"])
-        if file_size < HEADER_BYTES:
-            raise _too_short(path, file_size)
-        return file_size, fs.cat_file(key, start=0, end=HEADER_BYTES)
+        return file_size, fs.cat_file(key, start=0, end=min(file_size, HEADER_BYTES))
     except InputError:
         raise
     except FileNotFoundError:
@@ -117,10 +114,32 @@ def _read_header(path: str) -> tuple[int, bytes]:
         raise _fail(path, f"cannot be read: {describe_failure(exc)}.", remedy(path, exc)) from None
 
 
+# The first bytes of the compressed files tomograms and maps are shipped as (EMDB's .map.gz, EMPIAR's .bz2)
+COMPRESSION_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+DECOMPRESS_COMMAND = {"gzip": "gunzip -k", "bzip2": "bunzip2 -k", "xz": "unxz -k", "zstd": "zstd -d"}
+
+
+def compression_of(raw: bytes) -> str | None:
+    """The compression a file's first bytes announce ('gzip', 'bzip2', 'xz', 'zstd'), or None."""
+    return next((name for magic, name in COMPRESSION_MAGIC.items() if raw.startswith(magic)), None)
+
+
 def inspect_mrc(path: str | os.PathLike) -> MrcInfo:
     """Read and check an MRC header; raise :class:`InputError` on anything tileseg cannot read."""
     path = os.fspath(path)
     file_size, raw = _read_header(path)
+    compression = compression_of(raw)
+    if compression:
+        raise _fail(path, f"is {compression}-compressed; tileseg reads an MRC file's regions in place, which compression does not allow.",
+                    f"Convert it to Zarr with 'tileseg convert', which decompresses it on the way, or decompress it: "
+                    f"{DECOMPRESS_COMMAND[compression]} {path}")
+    if file_size < HEADER_BYTES:
+        raise _too_short(path, file_size)
+    return info_from_header(path, raw, file_size)
+
+
+def info_from_header(path: str, raw: bytes, file_size: int | None) -> MrcInfo:
+    """Check the 1024 header bytes ``raw`` of ``path``; also against the file's size, unless it is not known yet (``None``)."""
     try:
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
@@ -147,22 +166,39 @@ def inspect_mrc(path: str | os.PathLike) -> MrcInfo:
     if (int(header.mapc), int(header.mapr), int(header.maps)) not in {(1, 2, 3), (0, 0, 0)}:
         raise _fail(path, f"has axis order mapc/mapr/maps={int(header.mapc)}/{int(header.mapr)}/{int(header.maps)}.",
                     "Only the standard order 1/2/3 (x fastest) is supported; reorder it with IMOD 'clip rotx' or relion_image_handler.")
-    dtype = data_dtype_from_header(header)
+    dtype = np.dtype("u1") if mode == 0 and unsigned_bytes(raw, header) else data_dtype_from_header(header)
     ext_bytes = int(header.nsymbt)
     if ext_bytes < 0:
         raise _fail(path, f"header gives a negative extended-header size ({ext_bytes}).", "The file is corrupt; re-export it.")
-    if ext_bytes > file_size - HEADER_BYTES:
+    if file_size is not None and ext_bytes > file_size - HEADER_BYTES:
         raise _fail(path, f"is truncated or corrupt: its header gives a {ext_bytes}-byte extended header but the file has only "
                           f"{file_size - HEADER_BYTES} bytes after the 1024-byte header.", "Copy or export the file again completely.")
     offset = HEADER_BYTES + ext_bytes
     expected = offset + nx * ny * nz * dtype.itemsize
-    if file_size < expected:
+    if file_size is not None and file_size < expected:
         raise _fail(path, f"is truncated: its header promises {nz}×{ny}×{nx} voxels ({expected} bytes) but the file has {file_size} bytes.",
                     "Copy or export the file again completely.")
     vx, vy, vz = float(voxel.x), float(voxel.y), float(voxel.z)
     voxel_size = (vz, vy, vx) if min(vx, vy, vz) > 0 and np.isfinite([vx, vy, vz]).all() else None
     origin = tuple(float(header.origin[a]) for a in ("z", "y", "x"))
     return MrcInfo(path, (nz, ny, nx), dtype.str, mode, offset, voxel_size, origin)  # type: ignore[arg-type]
+
+
+def unsigned_bytes(raw: bytes, header: np.recarray) -> bool:
+    """Whether the bytes of a mode-0 file are unsigned, by IMOD's rule (``readBytesSigned`` in its
+    libiimod). MRC2014 says signed, but IMOD wrote unsigned bytes until 4.2.23 and writes them still
+    where asked (WRITE_MODE0_SIGNED=0), and its byte tomograms are everywhere: a file stamped by IMOD
+    says which in its flags; any other is unsigned only where its header's minimum and maximum could
+    not be signed bytes (0 to 255, say). Read as signed, an unsigned tomogram's bright half would wrap
+    round to negative values, and the network would see noise."""
+    order = header.mode.dtype.byteorder
+    stamp, flags = (int(v) for v in np.frombuffer(raw[152:160], np.dtype("i4").newbyteorder("=" if order in "|=" else order)))
+    if stamp == IMOD_STAMP:
+        return not flags & 1
+    low, high = float(header.dmin), float(header.dmax)
+    if low >= 0 and high >= 128:
+        return True
+    return low < 0 and high >= 128 and -low <= high - 128
 
 
 def _no_read_ahead(fd: int) -> None:

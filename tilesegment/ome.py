@@ -93,12 +93,15 @@ def dataset_voxel_sizes(entry: dict[str, Any]) -> list[tuple[float, float, float
     Raises ``KeyError``/``ValueError`` for an entry that has no usable scale; callers say which file.
     """
     units = [a.get("unit") or "angstrom" for a in entry.get("axes", [])][-3:] or ["angstrom"] * 3
+    # a scale for the whole image, after each dataset's (NGFF: "applied after the dataset transformations")
+    overall = next((t["scale"] for t in entry.get("coordinateTransformations") or [] if t.get("type") == "scale"), None)
     sizes = []
     for dataset in entry["datasets"]:
         scale = next(t["scale"] for t in dataset["coordinateTransformations"] if t["type"] == "scale")
-        if len(scale) < 3 or any(u not in UNIT_TO_ANGSTROM for u in units):
+        if len(scale) < 3 or any(u not in UNIT_TO_ANGSTROM for u in units) or (overall is not None and len(overall) != len(scale)):
             raise ValueError(f"unusable scale {scale} with units {units}")
-        sizes.append(tuple(float(s) * UNIT_TO_ANGSTROM[u] for s, u in zip(scale[-3:], units)))
+        factors = overall[-3:] if overall is not None else (1.0, 1.0, 1.0)
+        sizes.append(tuple(float(s) * float(f) * UNIT_TO_ANGSTROM[u] for s, f, u in zip(scale[-3:], factors, units)))
     return sizes  # type: ignore[return-value]
 
 

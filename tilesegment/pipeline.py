@@ -103,16 +103,40 @@ def _warn_if_image_stack(source: VolumeSource) -> None:
                     "volumes (IMOD's .rec, say), and on projections its labels mean nothing.", source.path, suffix)
 
 
+def _fits(voxel: tuple[float, float, float] | None, model_voxel: float) -> bool:
+    return voxel is not None and 1 / VOXEL_SIZE_TOLERANCE <= max(voxel) / model_voxel <= VOXEL_SIZE_TOLERANCE
+
+
+def _binned_level(source: VolumeSource, model_voxel: float) -> str:
+    """Where the tomogram is already binned to the model's voxel size, the words that say so: a
+    level of its own pyramid, or the level 'tileseg convert' would write (its 2× means)."""
+    if source.zarr is not None:
+        for path, voxel in zip(source.zarr.levels[1:], source.zarr.level_voxel_sizes[1:]):
+            if _fits(voxel, model_voxel):
+                size = " × ".join(f"{v:.4g}" for v in voxel)  # type: ignore[union-attr]
+                return f"Its pyramid level {path} is {size} Å/voxel: segment that ('tileseg run {path} OUTPUT.zarr')."
+    elif source.voxel_size is not None:
+        for level in range(1, 7):
+            binned = tuple(v * 2**level for v in source.voxel_size)
+            if _fits(binned, model_voxel) and min(source.shape) >> level >= 16:  # type: ignore[arg-type]
+                return (f"'tileseg convert' writes it {2**level}× binned ({max(binned):.4g} Å/voxel) as pyramid level {level}: "
+                        f"convert it and segment that ('tileseg run TOMO.zarr/{level} OUTPUT.zarr').")
+    return ""
+
+
 def _check_voxel_size(source: VolumeSource, model_voxel: float, ignore: bool) -> None:
     if source.voxel_size is None:
         log.warning("%s records no voxel size; assuming the model's %.3g Å.", source.path, model_voxel)
         return
     ratio = max(source.voxel_size) / model_voxel
-    if not ignore and not (1 / VOXEL_SIZE_TOLERANCE <= ratio <= VOXEL_SIZE_TOLERANCE):
+    if not ignore and not _fits(source.voxel_size, model_voxel):
         size = " × ".join(f"{v:.4g}" for v in source.voxel_size)
+        binned = _binned_level(source, model_voxel)
+        remedy = (f"bin or rescale the tomogram to about {model_voxel:.4g} Å/voxel (e.g. IMOD 'binvol'), "
+                  "use a model trained at this voxel size, or pass --ignore-voxel-size.")
         raise InputError(
             f"{source.path}: voxel size {size} Å is {ratio:.2f}× the model's {model_voxel:.4g} Å; tileseg refuses rather than resample.",
-            f"Bin or rescale the tomogram to about {model_voxel:.4g} Å/voxel (e.g. IMOD 'binvol'), use a model trained at this voxel size, or pass --ignore-voxel-size.",
+            f"{binned} Otherwise {remedy}" if binned else remedy[0].upper() + remedy[1:],
         )
 
 

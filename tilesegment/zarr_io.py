@@ -247,11 +247,18 @@ class ZarrInput:
     label_image: bool = False  # an OME-Zarr label image (a segmentation), not an image
     made_from: str | None = None  # the input a tileseg output records
     status: str | None = None  # a tileseg output's 'complete' or 'incomplete' (None: not tileseg's)
+    level_voxel_sizes: tuple[tuple[float, float, float] | None, ...] = ()  # of each of ``levels``, where the metadata say
 
 
-def _voxel_size(ome: dict[str, Any], axes_count: int) -> tuple[float, float, float] | None:
+def _voxel_size(ome: dict[str, Any], dataset: str | None = None) -> tuple[float, float, float] | None:
+    """Å per voxel of the image's ``dataset`` (its finest when None); None where the metadata do not say."""
     try:
-        return dataset_voxel_sizes(ome["multiscales"][0])[0]
+        entry = ome["multiscales"][0]
+        sizes = dataset_voxel_sizes(entry)
+        if dataset is None:
+            return sizes[0]
+        names = [d["path"] for d in entry["datasets"]]
+        return sizes[names.index(dataset)] if dataset in names else None
     except (KeyError, IndexError, StopIteration, TypeError, ValueError):
         return None
 
@@ -276,6 +283,7 @@ def describe_zarr_input(path: str) -> ZarrInput:
     attrs: dict[str, Any] = {}  # the image group's (an array's parent's)
     if isinstance(node, zarr.Array):
         array, array_path, levels, voxel, origin = node, path, (path,), None, (0.0, 0.0, 0.0)
+        names = []
         folder = parent(path) if is_url(path) else os.path.dirname(path.rstrip("/"))
         if folder and (is_url(folder) or os.path.exists(folder)):
             try:
@@ -283,7 +291,7 @@ def describe_zarr_input(path: str) -> ZarrInput:
             except Exception:
                 attrs = {}
             try:
-                voxel = _voxel_size(read_ome_attrs(attrs), array.ndim)
+                voxel = _voxel_size(read_ome_attrs(attrs), path.rstrip("/").rsplit("/", 1)[-1])  # this level's, not the finest's
             except Exception:
                 voxel = None
     else:
@@ -300,7 +308,7 @@ def describe_zarr_input(path: str) -> ZarrInput:
         levels = tuple(f"{path.rstrip('/')}/{n}" for n in names if n in node)
         array_path = levels[0]
         array = node[names[0]]
-        voxel = _voxel_size(ome, array.ndim)
+        voxel = _voxel_size(ome)
         origin = _recorded_origin(dict(node.attrs))
     # OME-Zarr images are often (t, c, z, y, x) or (c, z, y, x) with one time point and channel:
     # such an image is its volume (volume.read_native drops the single leading axes)
@@ -311,8 +319,9 @@ def describe_zarr_input(path: str) -> ZarrInput:
                          "Save the channel or time point to segment as a 3D array (an MRC file or a Zarr array) and give that.")
     if array.dtype.kind not in "iuf":
         raise InputError(f"{path}: array dtype {array.dtype} is not numeric.", "Give an integer or float volume.")
+    sizes = tuple(_voxel_size(ome, n) for n in names if f"{path.rstrip('/')}/{n}" in levels) if names else (voxel,)
     return ZarrInput(array_path, tuple(int(n) for n in array.shape[-3:]), array.dtype.str, voxel, levels, origin,  # type: ignore[arg-type]
-                     *tileseg_meta(attrs))
+                     *tileseg_meta(attrs), level_voxel_sizes=sizes)
 
 
 def _what_is_there(path: str) -> str:
