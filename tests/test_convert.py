@@ -435,6 +435,18 @@ def test_refuses_to_replace_other_things(tmp_path, kind):
         convert(src, out)
     if kind == "file":
         assert out.read_text() == "keep me"
+        with pytest.raises(OutputError, match="is a file, not a Zarr store; --overwrite replaces a store, never a file"):
+            convert(src, out, overwrite=True)
+        assert out.read_text() == "keep me"
+
+
+def test_the_input_as_output_is_refused_even_with_overwrite(tmp_path):
+    data = sample((4, 5, 6), np.float32)
+    src = mrc_file(tmp_path / "in.mrc", data)
+    before = open(src, "rb").read()
+    with pytest.raises(OutputError, match="is a file, not a Zarr store"):
+        convert(src, src, overwrite=True)
+    assert open(src, "rb").read() == before
 
 
 @pytest.mark.parametrize("first, second", [("0.4", "0.4"), ("0.5", "0.4"), ("0.4", "0.5")])

@@ -122,6 +122,18 @@ def test_refuses_an_existing_mrc_without_overwrite(tmp_path, seg):
     assert mrcfile.validate(str(tmp_path / "p.mrc"))
 
 
+def test_never_writes_over_the_tomogram_it_was_segmented_from(tmp_path, seg, monkeypatch):
+    """Even with --overwrite (a slip of the mask's name), by the same file under another path too."""
+    tomogram, out = seg
+    before = open(tomogram, "rb").read()
+    monkeypatch.chdir(os.path.dirname(tomogram))
+    for target, kwargs in [(tomogram, {}), (os.path.basename(tomogram), {}), (tmp_path / "mask.mrc", {"probabilities": tomogram})]:
+        with pytest.raises(OutputError, match="is the tomogram .* was segmented from") as info:
+            export(out, target, overwrite=True, **kwargs)
+        assert "_mask.mrc" in info.value.fix
+    assert open(tomogram, "rb").read() == before and not (tmp_path / "mask.mrc").exists()
+
+
 @pytest.mark.parametrize("status", ["running", "incomplete"])
 def test_refuses_an_unfinished_run_and_names_resume(tmp_path, seg, status):
     copy = copy_with_meta(seg[1], tmp_path, status=status)

@@ -25,10 +25,10 @@ import numpy as np
 import zarr
 from mrcfile.mrcinterpreter import MrcInterpreter
 
-from .errors import InputError, OptionError
+from .errors import InputError, OptionError, OutputError
 from .geometry import Shape
-from .result import Segmentation, open_segmentation, origin_xyz
-from .storage import check_output_file, replaced_when_written
+from .result import Segmentation, find_input, open_segmentation, origin_xyz
+from .storage import check_output_file, is_url, replaced_when_written
 from .zarr_io import open_array
 
 __all__ = ["export", "ExportReport", "probability_files", "SLAB_BYTES"]
@@ -162,7 +162,12 @@ def export(output: str | os.PathLike, mask: str | os.PathLike, *, probabilities:
     targets = [mask] + [p for _, p in prob_files]
     if len({os.path.abspath(t) for t in targets}) != len(targets):
         raise OptionError(f"the mask and the probabilities would both be written to {mask}.", "Give --probabilities another file name.")
+    source = find_input(segmentation)
     for target in targets:
+        if source and not is_url(source) and os.path.exists(target) and os.path.samefile(target, source):
+            stem = os.path.basename(target).split(".")[0]
+            raise OutputError(f"{target} is the tomogram {output} was segmented from; writing there would replace it, even with --overwrite.",
+                              f"Give the mask another name, such as {stem}_mask.mrc.")
         check_output_file(target, overwrite, "mask.mrc")
 
     shape = segmentation.shapes[index]

@@ -132,6 +132,9 @@ def create_group(path: str, ngff: str, overwrite: bool = False) -> zarr.Group:
         raise OutputError(f"cannot create {path}: {describe_failure(exc)}.", remedy(path, exc)) from None
     if there and not overwrite:
         raise OutputError(f"{path} already exists{_what_is_there(path)}.", "Choose another output path, or pass --overwrite to replace it.")
+    if there and not is_url(path) and not os.path.isdir(path):  # the tomogram itself, say: --overwrite replaces stores only
+        raise OutputError(f"{path} is a file, not a Zarr store; --overwrite replaces a store, never a file.",
+                          "Give the output a name of its own, ending in .zarr.")
     try:
         if is_url(path):
             _check_writable(path)
