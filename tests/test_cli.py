@@ -238,6 +238,10 @@ def test_cuda_without_gpu_is_refused(tmp_path, small_mrc):
 def test_output_is_never_overwritten_or_put_inside_the_input(tmp_path, small_mrc):
     os.makedirs(tmp_path / "exists.zarr")
     assert_one_line_error(tileseg("run", small_mrc, str(tmp_path / "exists.zarr")), 5, "--overwrite")
+    notes = tmp_path / "notes.txt"  # a file as OUTPUT: refused before the cluster starts (one line, no dashboard), and kept
+    notes.write_text("keep me")
+    assert_one_line_error(tileseg("run", small_mrc, str(notes), "--overwrite"), 5, "is a file, not a Zarr store")
+    assert notes.read_text() == "keep me"
     write_mrc(tmp_path / "in.mrc", random_volume((24, 24, 24)))
     assert tileseg("convert", str(tmp_path / "in.mrc"), str(tmp_path / "in.zarr")).returncode == 0
     assert_one_line_error(tileseg("run", str(tmp_path / "in.zarr"), str(tmp_path / "in.zarr" / "seg.zarr")), 2, "inside the input")

@@ -11,6 +11,7 @@ run can refuse settings that would mix two different segmentations in one store.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -19,8 +20,9 @@ from .geometry import Shape
 from .journal import BlockJournal
 from .lock import lock_holder
 from .ome import image_label, multiscales, ome_attrs
-from .storage import describe_failure, exists, remedy
-from .zarr_io import LABEL_COMPRESSION, PROBABILITY_COMPRESSION, ArraySpec, create_array, create_group, read_attrs, tileseg_meta, update_attrs
+from .storage import describe_failure, exists, is_url, remedy
+from .zarr_io import (LABEL_COMPRESSION, PROBABILITY_COMPRESSION, ArraySpec, a_file_in_the_way, create_array, create_group, read_attrs,
+                      tileseg_meta, update_attrs)
 
 __all__ = ["OutputLayout", "OutputStatus", "describe_output", "output_state", "decide", "check_same_run", "create_output", "finish_output",
            "CREATE", "CONTINUE", "FINISHED"]
@@ -51,12 +53,15 @@ class OutputLayout:
 
 
 def output_state(output: str) -> str | None:
-    """``None`` (nothing there), ``complete``, ``incomplete``, or ``foreign`` (not a tileseg output)."""
+    """``None`` (nothing there), ``complete``, ``incomplete``, or ``foreign`` (not a tileseg output);
+    a local file there is refused, before the cluster starts."""
     try:
         if not exists(output):
             return None
     except Exception as exc:  # only URLs get here: no credentials, endpoint unreachable, ...
         raise OutputError(f"{output}: cannot be reached: {describe_failure(exc)}.", remedy(output, exc)) from None
+    if not is_url(output) and not os.path.isdir(output):
+        raise a_file_in_the_way(output)
     info = read_attrs(output).get("tilesegment")
     if not isinstance(info, dict) or "run" not in info:
         return "foreign"

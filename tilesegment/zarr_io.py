@@ -35,6 +35,7 @@ __all__ = [
     "intensity_compression",
     "ZarrInput",
     "create_group",
+    "a_file_in_the_way",
     "create_array",
     "open_group",
     "open_array",
@@ -132,9 +133,8 @@ def create_group(path: str, ngff: str, overwrite: bool = False) -> zarr.Group:
         raise OutputError(f"cannot create {path}: {describe_failure(exc)}.", remedy(path, exc)) from None
     if there and not overwrite:
         raise OutputError(f"{path} already exists{_what_is_there(path)}.", "Choose another output path, or pass --overwrite to replace it.")
-    if there and not is_url(path) and not os.path.isdir(path):  # the tomogram itself, say: --overwrite replaces stores only
-        raise OutputError(f"{path} is a file, not a Zarr store; --overwrite replaces a store, never a file.",
-                          "Give the output a name of its own, ending in .zarr.")
+    if there and not is_url(path) and not os.path.isdir(path):
+        raise a_file_in_the_way(path)
     try:
         if is_url(path):
             _check_writable(path)
@@ -145,6 +145,12 @@ def create_group(path: str, ngff: str, overwrite: bool = False) -> zarr.Group:
         if isinstance(exc, OSError):
             raise OutputError(f"cannot create {path}: {exc.strerror or exc}.", "Check that the parent folder exists and is writable.") from None
         raise
+
+
+def a_file_in_the_way(path: str) -> OutputError:
+    """A file where an output store would go (the tomogram itself, say): --overwrite replaces stores only."""
+    return OutputError(f"{path} is a file, not a Zarr store; --overwrite replaces a store, never a file.",
+                       "Give the output a name of its own, ending in .zarr.")
 
 
 def _check_writable(url: str) -> None:
