@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import click
 
@@ -46,37 +46,48 @@ def main(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
 @click.option("--chunk", default="64", show_default=True, help="Chunk shape, N or Z,Y,X.")
 @click.option("--shard", default=None, help="Shard shape for --ngff 0.5 (a multiple of --chunk).")
 @click.option("--levels", type=int, default=None, help="Pyramid levels (default: until an axis would be < 16).")
+@click.option("--voxel-size", type=float, default=None, metavar="ANGSTROM",
+              help="Resample to this voxel size in Å (the model's: 10 for the default model) instead of copying the voxels.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary (JSON) on stdout.")
 @click.pass_context
 @handle_errors
 def convert(ctx: click.Context, input_path: str, output: str, ngff: str, chunk: str, shard: str | None, levels: int | None,
-            overwrite: bool, as_json: bool) -> None:
+            voxel_size: float | None, overwrite: bool, as_json: bool) -> None:
     """Convert an MRC tomogram to a chunked, compressed, multiscale OME-Zarr (streamed).
 
     A compressed MRC (.mrc.gz, .map.gz, .bz2, .xz) is decompressed on the way, into a temporary
-    copy beside OUTPUT that is removed afterwards.
+    copy beside OUTPUT that is removed afterwards. --voxel-size resamples the tomogram to a model's
+    voxel size (smoothed, then linearly interpolated; the volume's edges stay in place).
 
     \b
     Example:
       tileseg convert tomo.mrc tomo.zarr
       tileseg convert tomo.mrc tomo.zarr --ngff 0.5 --chunk 64 --shard 256
       tileseg convert emd_1234.map.gz emd_1234.zarr
+      tileseg convert portal_13.48A.mrc tomo_10A.zarr --voxel-size 10
     """
     from tilesegment.convert import convert as run_convert
 
     quiet = ctx.obj["quiet"]
     with progress_bar(quiet, total=None, unit="vox", unit_scale=True, desc="convert") as bar:
         report = run_convert(input_path, output, ngff=ngff, chunk=parse_shape(chunk, "--chunk"), shard=parse_shape(shard, "--shard"), levels=levels,
-                             overwrite=overwrite, progress=bar.update)
+                             voxel_size=voxel_size, overwrite=overwrite, progress=bar.update)
     if as_json:
         echo_json(dataclasses.asdict(report))
     elif not quiet:
         voxel = "unknown voxel size (header has none; recorded as 1 Å)" if report.voxel_size is None else (
-            f"{report.voxel_size[-1]:.4g} Å/voxel" if len(set(report.voxel_size)) == 1
-            else f"{'×'.join(f'{v:.4g}' for v in report.voxel_size)} Å/voxel (z, y, x)")
+            voxel_text(report.voxel_size, "/voxel"))
+        if report.resampled_from:
+            voxel += f" (resampled from {voxel_text(report.resampled_from)})"
         click.echo(f"wrote {report.output}: {'×'.join(map(str, report.shape))} {report.dtype}, {voxel}, "
                    f"{report.levels} level{'s' if report.levels != 1 else ''}, {report.bytes_read / 2**20 / max(report.seconds, 1e-9):.0f} MiB/s")
+
+
+def voxel_text(voxel: Sequence[float], per: str = "") -> str:
+    """``13.48 Å`` for a cube (as the header's float32 sizes print), else ``20×10×10 Å (z, y, x)``."""
+    sizes = [f"{v:.4g}" for v in voxel]
+    return f"{sizes[-1]} Å{per}" if len(set(sizes)) == 1 else f"{'×'.join(sizes)} Å{per} (z, y, x)"
 
 
 def run_options(func: Callable[..., Any]) -> Callable[..., Any]:

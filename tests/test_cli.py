@@ -257,3 +257,16 @@ def test_demo_runs_the_whole_job_on_an_embedded_cluster(tmp_path):
     assert seg["0"].shape == (48, 48, 48) and seg["0"].dtype == np.uint8
     tomo = zarr.open_group(str(tmp_path / "demo" / "tomogram.zarr"), mode="r")
     assert tomo["0"].shape == (48, 48, 48)
+
+
+def test_a_tomogram_at_another_voxel_size_is_resampled_by_convert_and_then_segments(tmp_path, identity_model):
+    portal = write_mrc(tmp_path / "portal.mrc", random_volume((20, 24, 24)), voxel=13.48)
+    refused = tileseg("run", portal, str(tmp_path / "seg.zarr"), "--model", identity_model)
+    assert_one_line_error(refused, 3, "1.35× the model's 10 Å", f"'tileseg convert {portal} TOMO.zarr --voxel-size 10'")
+    converted = tileseg("convert", portal, str(tmp_path / "tomo.zarr"), "--voxel-size", "10", "--levels", "1")
+    assert converted.returncode == 0, converted.stderr
+    assert "27×32×32 float32, 10 Å/voxel (resampled from 13.48 Å), 1 level," in converted.stdout, converted.stdout
+    assert_one_line_error(tileseg("convert", portal, str(tmp_path / "t.zarr"), "--voxel-size", "0"), 2, "--voxel-size 0.0 is not a voxel size")
+    run = tileseg("-q", "run", str(tmp_path / "tomo.zarr"), str(tmp_path / "seg.zarr"), "--model", identity_model, "--tile", "16")
+    assert run.returncode == 0, run.stderr
+    assert zarr.open_group(str(tmp_path / "seg.zarr"), mode="r")["0"].shape == (27, 32, 32)

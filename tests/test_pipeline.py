@@ -341,7 +341,8 @@ def test_a_finer_tomogram_is_refused_naming_the_level_that_fits_and_that_level_s
     with pytest.raises(InputError, match="voxel size 5 × 5 × 5 Å is 0.50× the model's 10 Å") as info:
         segment(mrc, tmp_path / "a.zarr", model=identity_model, tile=8, client=client)
     assert "'tileseg convert' writes it 2× binned (10 Å/voxel) as pyramid level 1" in info.value.fix
-    assert "Otherwise bin or rescale" in info.value.fix and not (tmp_path / "a.zarr").exists()
+    assert f"Otherwise resample it to the model's voxel size ('tileseg convert {mrc} TOMO.zarr --voxel-size 10'" in info.value.fix
+    assert not (tmp_path / "a.zarr").exists()
     convert(mrc, tmp_path / "fine.zarr", chunk=16, levels=2)
     with pytest.raises(InputError) as info:
         segment(tmp_path / "fine.zarr", tmp_path / "a.zarr", model=identity_model, tile=8, client=client)
@@ -361,4 +362,4 @@ def test_a_coarser_tomogram_gets_no_level_hint(tmp_path, client, identity_model)
     mrc = write_mrc(tmp_path / "coarse.mrc", random_volume((24, 24, 24)), voxel=20.0)
     with pytest.raises(InputError) as info:
         segment(mrc, tmp_path / "a.zarr", model=identity_model, tile=8, client=client)
-    assert info.value.fix.startswith("Bin or rescale the tomogram to about 10 Å/voxel")
+    assert info.value.fix.startswith(f"Resample it to the model's voxel size ('tileseg convert {mrc} TOMO.zarr --voxel-size 10'")

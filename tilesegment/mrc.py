@@ -82,7 +82,8 @@ def _a_folder(path: str) -> InputError:
     from .storage import exists, join
 
     if any(exists(join(path, name)) for name in (".zarray", ".zgroup", "zarr.json")):
-        return _fail(path, "is a Zarr store, not an MRC file.", "It needs no converting: segment it as it is with 'tileseg run'.")
+        return _fail(path, "is a Zarr store, not an MRC file.", "It needs no converting: segment it as it is with 'tileseg run' "
+                     "(or resample it to a model's voxel size with 'tileseg convert --voxel-size').")
     return _fail(path, "is a folder, not an MRC file.", "Give an MRC file (.mrc, .rec, .map) inside it.")
 
 

@@ -30,8 +30,8 @@ from .lock import OutputLock
 from .output import CONTINUE, CREATE, FINISHED, OutputLayout, check_same_run, create_output, decide, finish_output, output_state
 from .plan import BlockPlan
 from .pyramid import check_levels, level_shapes
-from .storage import is_url, normalize
-from .volume import VolumeSource, intensity_statistics, open_volume
+from .storage import check_not_nested, is_url, normalize
+from .volume import IMAGE_STACK_SUFFIXES, VolumeSource, check_is_a_tomogram, intensity_statistics, open_volume
 from .zarr_io import output_spec, write_unit
 
 __all__ = ["segment", "RunReport", "PROBABILITY_DTYPES", "VOXEL_SIZE_TOLERANCE"]
@@ -60,37 +60,6 @@ class RunReport:
     @property
     def tiles_per_second(self) -> float:
         return self.tiles_forwarded / self.seconds if self.seconds > 0 else 0.0
-
-
-def _check_paths(input_path: str, output: str) -> None:
-    """Refuse an output inside the input, or holding it; paths and URLs are compared normalised."""
-    if is_url(input_path) != is_url(output):
-        return  # one on this machine, one in a store: never nested
-    src, dst = normalize(input_path), normalize(output)
-    sep = "/" if is_url(output) else os.sep
-    if dst == src or dst.startswith(src.rstrip(sep) + sep):
-        raise OptionError(f"output {output} is inside the input {input_path}.", "Write the output somewhere else; tileseg never modifies its input.")
-    if src.startswith(dst.rstrip(sep) + sep):
-        raise OptionError(f"output {output} contains the input {input_path}; overwriting it would delete the input.", "Choose another output path.")
-
-
-def _check_is_a_tomogram(source: VolumeSource) -> None:
-    """A segmentation given as the tomogram (an earlier run's output, say) would be segmented without
-    complaint, its labels normalised as if they were densities; an unfinished convert, its unwritten
-    chunks read as zeros."""
-    if source.zarr is None:
-        return
-    made = source.zarr.made_from
-    if source.zarr.label_image:
-        raise InputError(f"{source.path}: an OME-Zarr label image{f' (a segmentation of {made})' if made else ''}, not a tomogram.",
-                         f"Give the tomogram itself{f', {made}' if made else ''}: an MRC file or an OME-Zarr image.")
-    if source.zarr.status == "incomplete":  # a stopped or failed 'tileseg convert'
-        raise InputError(f"{source.path}: an unfinished 'tileseg convert'{f' of {made}' if made else ''} (its status is incomplete): "
-                         "parts of it were never written.", f"Convert it again{f' from {made}' if made else ''}, with --overwrite.")
-
-
-#: file name endings of projection images, not volumes: IMOD's raw and aligned tilt series, RELION's image stacks
-IMAGE_STACK_SUFFIXES = (".st", ".ali", ".mrcs")
 
 
 def _warn_if_image_stack(source: VolumeSource) -> None:
@@ -132,10 +101,10 @@ def _check_voxel_size(source: VolumeSource, model_voxel: float, ignore: bool) ->
     if not ignore and not _fits(source.voxel_size, model_voxel):
         size = " × ".join(f"{v:.4g}" for v in source.voxel_size)
         binned = _binned_level(source, model_voxel)
-        remedy = (f"bin or rescale the tomogram to about {model_voxel:.4g} Å/voxel (e.g. IMOD 'binvol'), "
-                  "use a model trained at this voxel size, or pass --ignore-voxel-size.")
+        remedy = (f"resample it to the model's voxel size ('tileseg convert {source.path} TOMO.zarr --voxel-size {model_voxel:.4g}', "
+                  "then segment TOMO.zarr), use a model trained at this voxel size, or pass --ignore-voxel-size.")
         raise InputError(
-            f"{source.path}: voxel size {size} Å is {ratio:.2f}× the model's {model_voxel:.4g} Å; tileseg refuses rather than resample.",
+            f"{source.path}: voxel size {size} Å is {ratio:.2f}× the model's {model_voxel:.4g} Å; tileseg does not resample while it segments.",
             f"{binned} Otherwise {remedy}" if binned else remedy[0].upper() + remedy[1:],
         )
 
@@ -206,9 +175,9 @@ def segment(
     block_shape = shape_option(block, "--block") if block is not None else None
     if scheduler is None and client is None:
         resolve_device(device)  # an embedded cluster's GPU is this machine's
-    _check_paths(input_path, output)
+    check_not_nested(input_path, output)
     source = open_volume(input_path)
-    _check_is_a_tomogram(source)
+    check_is_a_tomogram(source)
     _warn_if_image_stack(source)
     decide(output, output_state(output), resume, overwrite)  # fail fast; decided again under the lock
 

@@ -20,7 +20,7 @@ import posixpath
 import re
 from typing import Any, Iterator
 
-__all__ = ["check_output_file", "replaced_when_written", "is_url", "filesystem", "exists", "isdir", "join", "parent", "basename", "normalize", "zarr_store",
+__all__ = ["check_output_file", "check_not_nested", "replaced_when_written", "is_url", "filesystem", "exists", "isdir", "join", "parent", "basename", "normalize", "zarr_store",
            "storage_options", "describe_failure", "remedy", "is_write_failure", "write_failure"]
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
@@ -196,3 +196,17 @@ def replaced_when_written(path: str) -> Iterator[str]:
     finally:
         if os.path.exists(partial):
             os.remove(partial)
+
+
+def check_not_nested(input_path: str, output: str) -> None:
+    """Refuse an output inside the input, or holding it; paths and URLs are compared normalised."""
+    from .errors import OptionError
+
+    if is_url(input_path) != is_url(output):
+        return  # one on this machine, one in a store: never nested
+    src, dst = normalize(input_path), normalize(output)
+    sep = "/" if is_url(output) else os.sep
+    if dst == src or dst.startswith(src.rstrip(sep) + sep):
+        raise OptionError(f"output {output} is inside the input {input_path}.", "Write the output somewhere else; tileseg never modifies its input.")
+    if src.startswith(dst.rstrip(sep) + sep):
+        raise OptionError(f"output {output} contains the input {input_path}; overwriting it would delete the input.", "Choose another output path.")

@@ -19,7 +19,7 @@ from .mrc import MrcInfo, inspect_mrc, read_mrc_region
 from .storage import describe_failure, exists, is_url, isdir, remedy
 from .zarr_io import ZarrInput, describe_zarr_input, read_region
 
-__all__ = ["VolumeSource", "open_volume", "read_volume", "read_native", "intensity_statistics", "is_zarr_path"]
+__all__ = ["VolumeSource", "open_volume", "check_is_a_tomogram", "read_volume", "read_native", "intensity_statistics", "is_zarr_path"]
 
 STATS_SAMPLE_VOXELS = 4_000_000  # statistics from about this many voxels, whatever the volume size (a mean to 0.05 % of the std)
 
@@ -67,6 +67,25 @@ def open_volume(path: str | os.PathLike) -> VolumeSource:
         return VolumeSource(path, info.shape, info.dtype, info.voxel_size, zarr=info)
     mrc = inspect_mrc(path)
     return VolumeSource(path, mrc.shape, mrc.dtype, mrc.voxel_size, mrc=mrc)
+
+
+def check_is_a_tomogram(source: VolumeSource) -> None:
+    """A segmentation given as the tomogram (an earlier run's output, say) would be segmented without
+    complaint, its labels normalised as if they were densities; an unfinished convert, its unwritten
+    chunks read as zeros."""
+    if source.zarr is None:
+        return
+    made = source.zarr.made_from
+    if source.zarr.label_image:
+        raise InputError(f"{source.path}: an OME-Zarr label image{f' (a segmentation of {made})' if made else ''}, not a tomogram.",
+                         f"Give the tomogram itself{f', {made}' if made else ''}: an MRC file or an OME-Zarr image.")
+    if source.zarr.status == "incomplete":  # a stopped or failed 'tileseg convert'
+        raise InputError(f"{source.path}: an unfinished 'tileseg convert'{f' of {made}' if made else ''} (its status is incomplete): "
+                         "parts of it were never written.", f"Convert it again{f' from {made}' if made else ''}, with --overwrite.")
+
+
+#: file name endings of projection images, not volumes: IMOD's raw and aligned tilt series, RELION's image stacks
+IMAGE_STACK_SUFFIXES = (".st", ".ali", ".mrcs")
 
 
 def read_native(source: VolumeSource, box: Box) -> np.ndarray:
