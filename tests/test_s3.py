@@ -223,6 +223,17 @@ def test_mrc_validation_errors_are_the_same_for_objects(tmp_path, prefix):
         inspect_mrc(f"{prefix}/missing.mrc")
 
 
+def test_a_tomogram_zarr_on_s3_is_resampled_as_the_local_mrc_is(tmp_path, prefix):
+    """The portal's case: an OME-Zarr tomogram in a bucket at 13.48 Å, resampled to 10 Å on the way in."""
+    local = write_mrc(tmp_path / "portal.mrc", random_volume((20, 24, 28), seed=9), voxel=13.48)
+    convert(local, f"{prefix}/portal.zarr", chunk=16)
+    convert(f"{prefix}/portal.zarr", tmp_path / "from_s3.zarr", chunk=16, voxel_size=10.0)
+    convert(local, tmp_path / "from_mrc.zarr", chunk=16, voxel_size=10.0)
+    a, b = (np.asarray(zarr.open_array(str(tmp_path / name / "0"), mode="r")[:]) for name in ("from_s3.zarr", "from_mrc.zarr"))
+    assert a.shape == (27, 32, 38)
+    np.testing.assert_array_equal(a, b)
+
+
 def test_a_compressed_mrc_on_s3_converts_like_the_local_file(tmp_path, prefix, monkeypatch):
     """The .mrc.gz object is streamed through gzip into a temporary copy: in the system's temporary
     folder for an output in the store, beside a local output; the copy is gone afterwards."""
