@@ -58,7 +58,8 @@ def convert(ctx: click.Context, input_path: str, output: str, ngff: str, chunk: 
 
     A compressed MRC (.mrc.gz, .map.gz, .bz2, .xz) is decompressed on the way, into a temporary
     copy beside OUTPUT that is removed afterwards. --voxel-size resamples the tomogram to a model's
-    voxel size (smoothed, then linearly interpolated; the volume's edges stay in place).
+    voxel size (smoothed, then linearly interpolated; the volume's edges stay in place);
+    with it, INPUT may also be an OME-Zarr tomogram (a CryoET Data Portal download, say).
 
     \b
     Example:
@@ -66,6 +67,7 @@ def convert(ctx: click.Context, input_path: str, output: str, ngff: str, chunk: 
       tileseg convert tomo.mrc tomo.zarr --ngff 0.5 --chunk 64 --shard 256
       tileseg convert emd_1234.map.gz emd_1234.zarr
       tileseg convert portal_13.48A.mrc tomo_10A.zarr --voxel-size 10
+      tileseg convert TS_200_1.zarr TS_200_1_10A.zarr --voxel-size 10
     """
     from tilesegment.convert import convert as run_convert
 
