@@ -97,8 +97,7 @@ def convert(
         info = open_volume(input_path)
         check_is_a_tomogram(info)
     else:
-        header = compressed_header(input_path, compression) if compression else inspect_mrc(input_path)
-        info = VolumeSource(header.path, header.shape, header.dtype, header.voxel_size, mrc=header)
+        info = VolumeSource.of_mrc(compressed_header(input_path, compression) if compression else inspect_mrc(input_path))
     resampling = resampling_for(info.shape, info.voxel_size, voxel_size, input_path)
     shape = resampling.out_shape if resampling else info.shape
     n_levels = check_levels(levels, shape)
@@ -144,8 +143,7 @@ def convert(
     with contextlib.ExitStack() as stack:
         source = info
         if compression:
-            copied = inspect_mrc(stack.enter_context(decompressed_copy(input_path, compression, temporary_folder(output), progress)))
-            source = VolumeSource(copied.path, copied.shape, copied.dtype, copied.voxel_size, mrc=copied)
+            source = VolumeSource.of_mrc(inspect_mrc(stack.enter_context(decompressed_copy(input_path, compression, temporary_folder(output), progress))))
         _run(copy, ((source, box) for box in regions), threads, progress)
     for level in range(in_regions + 1, n_levels):
         tasks = [(f"{output}/{level - 1}", f"{output}/{level}", box, shapes[level - 1], "mean")

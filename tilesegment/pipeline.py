@@ -31,7 +31,7 @@ from .output import CONTINUE, CREATE, FINISHED, OutputLayout, check_same_run, cr
 from .plan import BlockPlan
 from .pyramid import check_levels, level_shapes
 from .storage import check_not_nested, is_url, normalize
-from .volume import IMAGE_STACK_SUFFIXES, VolumeSource, check_is_a_tomogram, intensity_statistics, open_volume
+from .volume import VolumeSource, check_is_a_tomogram, intensity_statistics, open_volume
 from .zarr_io import output_spec, write_unit
 
 __all__ = ["segment", "RunReport", "PROBABILITY_DTYPES", "VOXEL_SIZE_TOLERANCE"]
@@ -60,6 +60,10 @@ class RunReport:
     @property
     def tiles_per_second(self) -> float:
         return self.tiles_forwarded / self.seconds if self.seconds > 0 else 0.0
+
+
+#: file name endings of projection images, not volumes: IMOD's raw and aligned tilt series, RELION's image stacks
+IMAGE_STACK_SUFFIXES = (".st", ".ali", ".mrcs")
 
 
 def _warn_if_image_stack(source: VolumeSource) -> None:

@@ -41,6 +41,10 @@ class VolumeSource:
     mrc: MrcInfo | None = None
     zarr: ZarrInput | None = None
 
+    @classmethod
+    def of_mrc(cls, mrc: MrcInfo) -> "VolumeSource":
+        return cls(mrc.path, mrc.shape, mrc.dtype, mrc.voxel_size, mrc=mrc)
+
     @property
     def kind(self) -> str:
         return "mrc" if self.mrc else "zarr"
@@ -65,8 +69,7 @@ def open_volume(path: str | os.PathLike) -> VolumeSource:
     if zarr_like:
         info = describe_zarr_input(path)
         return VolumeSource(path, info.shape, info.dtype, info.voxel_size, zarr=info)
-    mrc = inspect_mrc(path)
-    return VolumeSource(path, mrc.shape, mrc.dtype, mrc.voxel_size, mrc=mrc)
+    return VolumeSource.of_mrc(inspect_mrc(path))
 
 
 def check_is_a_tomogram(source: VolumeSource) -> None:
@@ -82,10 +85,6 @@ def check_is_a_tomogram(source: VolumeSource) -> None:
     if source.zarr.status == "incomplete":  # a stopped or failed 'tileseg convert'
         raise InputError(f"{source.path}: an unfinished 'tileseg convert'{f' of {made}' if made else ''} (its status is incomplete): "
                          "parts of it were never written.", f"Convert it again{f' from {made}' if made else ''}, with --overwrite.")
-
-
-#: file name endings of projection images, not volumes: IMOD's raw and aligned tilt series, RELION's image stacks
-IMAGE_STACK_SUFFIXES = (".st", ".ali", ".mrcs")
 
 
 def read_native(source: VolumeSource, box: Box) -> np.ndarray:
