@@ -92,9 +92,11 @@ def test_round_trip_is_exact(tmp_path, mode, ngff):
     assert all(a["type"] == "space" and a["unit"] == "angstrom" for a in ms[0]["axes"])
     assert [d["path"] for d in ms[0]["datasets"]] == ["0", "1", "2"]
     for i, dataset in enumerate(ms[0]["datasets"]):
-        (transform,) = dataset["coordinateTransformations"]
+        transform, shift = dataset["coordinateTransformations"]
         assert transform["type"] == "scale"
         assert transform["scale"] == pytest.approx([3.5 * 2**i, 2.5 * 2**i, 1.5 * 2**i])  # (z, y, x)
+        assert shift["type"] == "translation"  # a 2^i mean's first centre: (2^i - 1) / 2 voxels on
+        assert shift["translation"] == pytest.approx([(2**i - 1) / 2 * v for v in (3.5, 2.5, 1.5)])
     meta = dict(group.attrs)["tilesegment"]
     assert meta["status"] == "complete"
     assert meta["mrc_mode"] == mode
@@ -664,3 +666,30 @@ def test_zstd_is_recognised_and_left_to_zstd(tmp_path):
     with pytest.raises(InputError, match="zstd-compressed, which tileseg cannot decompress") as info:
         convert(src, tmp_path / "out.zarr")
     assert f"zstd -d {src}" in info.value.fix and not (tmp_path / "out.zarr").exists()
+
+
+def placed(dataset: dict, shape) -> list[np.ndarray]:
+    """The (z, y, x) Å position of every voxel of one OME dataset, by its scale and translation."""
+    transforms = {t["type"]: t for t in dataset["coordinateTransformations"]}
+    scale, shift = transforms["scale"]["scale"][-3:], transforms.get("translation", {}).get("translation", [0.0] * 3)[-3:]
+    return np.meshgrid(*(t + s * np.arange(n) for n, s, t in zip(shape, scale, shift)), indexing="ij")
+
+
+def ramp(z, y, x):
+    return z + 2 * y + 3 * x
+
+
+@pytest.mark.parametrize("ngff", ["0.4", "0.5"])
+def test_every_level_lies_where_its_metadata_place_it(tmp_path, ngff):
+    """A linear ramp of position: each level's voxels, placed by their scale and translation, hold the
+    ramp at that position (a 2× mean of a ramp is the ramp at the group's centre), so a viewer that
+    follows the metadata shows every level where level 0 is."""
+    shape, voxel = (32, 32, 32), (3.0, 2.0, 1.5)  # z, y, x
+    data = ramp(*np.meshgrid(*(np.arange(n) * v for n, v in zip(shape, voxel)), indexing="ij")).astype(np.float32)
+    convert(write_mrc(tmp_path / "ramp.mrc", data, voxel=voxel[::-1]), tmp_path / "ramp.zarr", chunk=8, levels=4, ngff=ngff)
+    group = zarr.open_group(str(tmp_path / "ramp.zarr"), mode="r")
+    datasets = ome(tmp_path / "ramp.zarr", ngff)["multiscales"][0]["datasets"]
+    for dataset in datasets:
+        level = np.asarray(group[dataset["path"]][:])
+        np.testing.assert_allclose(level, ramp(*placed(dataset, level.shape)), rtol=1e-6, atol=1e-4)
+    assert [d["coordinateTransformations"][1]["translation"] for d in datasets][3] == [10.5, 7.0, 5.25]  # (8 - 1) / 2 voxels

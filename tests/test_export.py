@@ -82,8 +82,11 @@ def test_a_coarser_level_has_its_own_shape_and_voxel_size(tmp_path, seg):
     np.testing.assert_array_equal(data, labels(out, 1))
     assert data.shape == tuple(-(-n // 2) for n in SHAPE) == report.shape
     assert (voxel.x, voxel.y, voxel.z) == pytest.approx([2 * v for v in VOXEL_XYZ])
-    np.testing.assert_array_equal(read_mrc(tmp_path / "p1.mrc")[0], probabilities(out, 1)[0])
-    assert tuple(header.origin.item()) == pytest.approx(ORIGIN_XYZ)
+    p1, p1_header, _ = read_mrc(tmp_path / "p1.mrc")
+    np.testing.assert_array_equal(p1, probabilities(out, 1)[0])
+    assert tuple(header.origin.item()) == pytest.approx(ORIGIN_XYZ)  # labels: every second voxel, from voxel 0
+    # probabilities: 2× means, the first centred between voxels 0 and 1
+    assert tuple(p1_header.origin.item()) == pytest.approx([o + v / 2 for o, v in zip(ORIGIN_XYZ, VOXEL_XYZ)])
 
 
 def test_streams_slab_by_slab(tmp_path, seg, monkeypatch):

@@ -81,6 +81,8 @@ def test_convert_output_is_a_valid_image(tmp_path, ngff, shard):
     multiscale = multiscale_of(model, ngff)
     assert [d.path for d in multiscale.datasets] == ["0", "1", "2"]
     assert multiscale.datasets[2].coordinateTransformations[0].scale == pytest.approx([4 * s for s in SCALE])
+    # the validator's own model of the translation that follows the scale: level 2's 4× means start 1.5 voxels on
+    assert multiscale.datasets[2].coordinateTransformations[1].translation == pytest.approx([1.5 * s for s in SCALE])
     assert type(open_ome_zarr(group(tmp_path / "t.zarr"))).__name__ == "Image"
 
 
@@ -113,6 +115,8 @@ def test_ome_zarr_reader_takes_it_as_a_label_layer(seg):
     assert {type(spec).__name__ for spec in node.specs} >= {"Label", "Multiscales"}
     assert [tuple(level.shape) for level in node.data] == [SHAPE, tuple(-(-n // 2) for n in SHAPE)]
     assert node.metadata["name"] == "segmentation"
+    # what napari-ome-zarr makes a layer's scale and translate of: level 0's transformations
+    assert [t["type"] for t in node.metadata["coordinateTransformations"][0]] == ["scale", "translation"]
     assert {k: v["class"] for k, v in node.metadata["properties"].items()} == {0: "background", 1: "a", 2: "b"}
     assert node.metadata["color"][1] == pytest.approx([c / 255 for c in LABEL_COLORS[0]])
     np.testing.assert_array_equal(np.asarray(node.data[0]), np.asarray(group(out)["0"][:]))

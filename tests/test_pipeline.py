@@ -349,11 +349,16 @@ def test_a_finer_tomogram_is_refused_naming_the_level_that_fits_and_that_level_s
     assert f"Its pyramid level {tmp_path / 'fine.zarr'}/1 is 10 × 10 × 10 Å/voxel" in info.value.fix
     out = str(tmp_path / "a.zarr")
     segment(f"{tmp_path / 'fine.zarr'}/1", out, model=identity_model, tile=8, overlap=0.5, chunk=8, probabilities=True,
-            probability_dtype="float32", client=client)
+            probability_dtype="float32", levels=2, client=client)
     coarse = np.asarray(zarr.open_array(str(tmp_path / "fine.zarr" / "1"), mode="r")[:])  # the 2x means of the data
     np.testing.assert_allclose(probabilities(out)[0], coarse, rtol=1e-5, atol=1e-6)
     entry = zarr.open_group(out, mode="r").attrs["multiscales"][0]
     assert entry["datasets"][0]["coordinateTransformations"][0]["scale"][-3:] == [10.0, 10.0, 10.0]  # Å: level 1's
+    # placed where level 1 lies in the 5 Å grid: labels (every second voxel) at its first centre on
+    # every level, the probabilities' 2× means half a level-0 voxel further on each level
+    assert [d["coordinateTransformations"][1]["translation"] for d in entry["datasets"]] == [[2.5] * 3, [2.5] * 3]
+    entry = zarr.open_group(f"{out}/probabilities", mode="r").attrs["multiscales"][0]
+    assert [d["coordinateTransformations"][1]["translation"] for d in entry["datasets"]] == [[0.0, 2.5, 2.5, 2.5], [0.0, 7.5, 7.5, 7.5]]
 
 
 def test_a_coarser_tomogram_gets_no_level_hint(tmp_path, client, identity_model):

@@ -157,3 +157,23 @@ def test_a_compressed_mrc_is_resampled_as_the_plain_file_is(tmp_path):
     a, b = (zarr.open_group(str(tmp_path / name), mode="r")["0"][:] for name in ("a.zarr", "b.zarr"))
     assert report.shape == a.shape == (19, 16, 22) and np.array_equal(a, b)
     assert sorted(os.listdir(tmp_path)) == ["a.zarr", "b.zarr", "t.mrc", "t.mrc.gz"]  # the decompressed copy is gone
+
+
+@pytest.mark.parametrize("voxel", [13.48, 5.0])
+def test_a_resampled_tomogram_lies_where_its_metadata_place_it(tmp_path, voxel):
+    """A linear ramp of position stays one under smoothing and linear interpolation: the resampled
+    voxels, placed by their scale and translation, hold the ramp at that position (away from the
+    edges, where the smoothing repeats the edge voxel), so the segmentation of the resampled
+    tomogram overlays the original in a viewer."""
+    from .test_convert import placed, ramp
+
+    shape = (48, 44, 40)
+    data = ramp(*np.meshgrid(*(np.arange(n) * voxel for n in shape), indexing="ij")).astype(np.float32)
+    convert(write_mrc(tmp_path / "ramp.mrc", data, voxel=voxel), tmp_path / "ramp.zarr", chunk=16, voxel_size=10.0, levels=2)
+    group = zarr.open_group(str(tmp_path / "ramp.zarr"), mode="r")
+    for dataset in group.attrs["multiscales"][0]["datasets"]:
+        level = np.asarray(group[dataset["path"]][:])
+        positions = placed(dataset, level.shape)
+        inside = np.logical_and.reduce([(p > 4 * voxel + 10) & (p < (n - 5) * voxel - 10) for p, n in zip(positions, shape)])
+        assert inside.sum() >= 27
+        np.testing.assert_allclose(level[inside], ramp(*positions)[inside], rtol=1e-5, atol=1e-2)

@@ -85,3 +85,26 @@ def test_a_scale_for_the_whole_image_multiplies_each_levels(tmp_path):
              "coordinateTransformations": [{"type": "scale", "scale": [2.0, 2.0, 2.0]}],
              "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [0.5, 0.5, 1.0]}]}]}
     assert dataset_voxel_sizes(entry) == [(10.0, 10.0, 20.0)]
+
+
+def test_translations_follow_ngff_order_and_units():
+    """A dataset's translation, then the whole image's scale and translation (NGFF applies them in
+    that order), in Å; none given is zero."""
+    from tilesegment.ome import dataset_translations
+
+    axes = [{"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"]
+    datasets = [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0] * 3}, {"type": "translation", "translation": [1.0, 2.0, 3.0]}]},
+                {"path": "1", "coordinateTransformations": [{"type": "scale", "scale": [2.0] * 3}]}]
+    overall = [{"type": "scale", "scale": [2.0, 2.0, 2.0]}, {"type": "translation", "translation": [0.5, 0.0, -1.0]}]
+    assert dataset_translations({"axes": axes, "datasets": datasets}) == [(10.0, 20.0, 30.0), (0.0, 0.0, 0.0)]
+    assert dataset_translations({"axes": axes, "datasets": datasets, "coordinateTransformations": overall}) == [(25.0, 40.0, 50.0), (5.0, 0.0, -10.0)]
+
+
+def test_an_ome_zarr_inputs_translation_is_read_per_level(tmp_path):
+    from tilesegment.convert import convert
+
+    convert(write_mrc(tmp_path / "t.mrc", np.zeros((32, 32, 32), np.float32), voxel=5.0), tmp_path / "t.zarr", chunk=16, levels=3)
+    assert open_volume(str(tmp_path / "t.zarr")).translation == (0.0, 0.0, 0.0)
+    assert open_volume(str(tmp_path / "t.zarr" / "1")).translation == (2.5, 2.5, 2.5)  # the first 2× mean's centre
+    assert open_volume(str(tmp_path / "t.zarr" / "2")).translation == (7.5, 7.5, 7.5)
+    assert open_volume(str(tmp_path / "t.mrc")).translation == (0.0, 0.0, 0.0)  # an MRC's origin is not an OME translation

@@ -113,8 +113,10 @@ def convert(
     # NaN/inf would be written as bare NaN/Infinity, which is not JSON: strict readers reject the whole group
     recorded_origin = info.mrc.origin if info.mrc else info.origin
     origin = list(recorded_origin) if np.isfinite(recorded_origin).all() else None
-    if origin and resampling:  # the first voxel's centre moves; the volume's edges stay
-        origin = [o + shift for o, shift in zip(origin, resampling.origin_shift)]
+    translation = list(info.translation)  # an OME-Zarr input's placement, carried on (an MRC's: 0)
+    if resampling:  # the first voxel's centre moves; the volume's edges stay
+        translation = [t + shift for t, shift in zip(translation, resampling.origin_shift)]
+        origin = [o + shift for o, shift in zip(origin, resampling.origin_shift)] if origin else None
     meta = {"version": __version__, "status": "incomplete", "source": basename(input_path),
             "mrc_mode": info.mrc.mode if info.mrc else None, "origin_angstrom": origin, "voxel_size_recorded": info.voxel_size is not None}
     if resampling:
@@ -149,7 +151,8 @@ def convert(
         tasks = [(f"{output}/{level - 1}", f"{output}/{level}", box, shapes[level - 1], "mean")
                  for box in level_regions(shapes[level], unit)]
         _run(build_level_region, tasks, threads, progress)
-    update_attrs(output, {**ome_attrs(ngff, multiscales=[multiscales(basename(input_path), paths, voxel, [2**i for i in range(n_levels)], ngff)]),
+    update_attrs(output, {**ome_attrs(ngff, multiscales=[multiscales(basename(input_path), paths, voxel, [2**i for i in range(n_levels)], ngff,
+                                                                              translation=translation)]),
                           "tilesegment": {**meta, "status": "complete"}})
     return ConvertReport(output, shape, dtype.name, resampling.target if resampling else info.voxel_size, n_levels,
                          time.perf_counter() - started, int(np.prod(info.shape)) * dtype.itemsize,

@@ -2,10 +2,11 @@
 
 The label mask becomes MRC mode 0 (int8; mode 6, uint16, only if a label value exceeds 127) and
 the probabilities mode 2 (float32), with the input's shape, z/y/x data order, voxel size (the scale
-of the exported pyramid level) and origin. Probabilities: a model with one output channel or two
-(background, foreground) gives one file, the foreground probability; a model with more classes
-gives one file per foreground class, ``NAME_<label>_<class>.mrc``. Background is left out: it is
-one minus the rest.
+of the exported pyramid level) and origin (a coarser level's probabilities, 2× means, start where
+their first mean's centre lies: half the level's extra voxel size further on). Probabilities: a
+model with one output channel or two (background, foreground) gives one file, the foreground
+probability; a model with more classes gives one file per foreground class,
+``NAME_<label>_<class>.mrc``. Background is left out: it is one minus the rest.
 
 Data are streamed z-slab by z-slab (about ``SLAB_BYTES``) with plain writes, no memory map, so
 memory stays at one slab whatever the volume. Each file is written under a hidden temporary name
@@ -176,14 +177,18 @@ def export(output: str | os.PathLike, mask: str | os.PathLike, *, probabilities:
     top_label = max([*segmentation.classes, segmentation.channels - 1, 1])
     label_dtype = np.dtype("<i1") if top_label <= 127 else np.dtype("<u2")
     where = f"level {index}" if index else "full resolution"
-    jobs = [(segmentation.levels[index], None, mask, label_dtype, _labels_to(label_dtype, output), "labels")]
+    # a coarser level's labels are every second voxel, so they start where level 0 does; its mean
+    # probabilities start half its extra size further on (ome.level_translation)
+    fine = segmentation.voxel_sizes[0]
+    mean_origin = tuple(o + (2**index - 1) / 2 * v for o, v in zip(origin, (fine[2], fine[1], fine[0])))
+    jobs = [(segmentation.levels[index], None, mask, label_dtype, _labels_to(label_dtype, output), "labels", origin)]
     for channel, target in prob_files:
         name = segmentation.class_name(channel if segmentation.channels > 1 else 1)
-        jobs.append((segmentation.probabilities[index], channel, target, np.dtype("<f4"), _probabilities_to_float, f"P({name})"))
+        jobs.append((segmentation.probabilities[index], channel, target, np.dtype("<f4"), _probabilities_to_float, f"P({name})", mean_origin))
     with contextlib.ExitStack() as files:  # every file under its temporary name first, so an interrupted export leaves no MRC at all
         partials = [files.enter_context(replaced_when_written(job[2])) for job in jobs]
-        for (array_path, channel, _, dtype, convert, what), partial in zip(jobs, partials):
+        for (array_path, channel, _, dtype, convert, what, start), partial in zip(jobs, partials):
             label = f"tileseg export: {what} of {os.path.basename(output)} ({where})".encode("ascii", "replace").decode()
-            _stream(array_path, channel, partial, dtype, convert, voxel, origin, label, progress)
+            _stream(array_path, channel, partial, dtype, convert, voxel, start, label, progress)
     return ExportReport(mask, tuple(p for _, p in prob_files), shape, index, voxel, origin,
                         0 if label_dtype.itemsize == 1 else 6, time.perf_counter() - started)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 __all__ = ["NGFF_VERSIONS", "zarr_format_for", "multiscales", "image_label", "ome_attrs", "read_ome_attrs", "LABEL_COLORS",
-           "UNIT_TO_ANGSTROM", "dataset_voxel_sizes", "label_classes", "label_colors"]
+           "UNIT_TO_ANGSTROM", "dataset_voxel_sizes", "dataset_translations", "level_translation", "label_classes", "label_colors"]
 
 NGFF_VERSIONS = ("0.4", "0.5")
 
@@ -29,6 +29,16 @@ def _axes(channel: bool) -> list[dict[str, str]]:
     return axes + [{"name": a, "type": "space", "unit": "angstrom"} for a in ("z", "y", "x")]
 
 
+def level_translation(voxel_size: Sequence[float], factor: int, method: str, translation: Sequence[float] | None = None) -> list[float]:
+    """Where the first voxel's centre of a level ``factor``× downsampled by ``method`` lies (z, y, x Å),
+    given level 0's at ``translation``. A 2× mean averages voxels 0 and 1, so its first centre lies half
+    a level-0 voxel further on, ``(factor - 1) / 2`` voxels at ``factor``; every second voxel
+    (nearest) keeps voxel 0. Without it a viewer shows each coarser level of an image shifted."""
+    start = translation if translation is not None else (0.0, 0.0, 0.0)
+    shift = (factor - 1) / 2 if method == "mean" else 0.0
+    return [float(t) + shift * float(v) for t, v in zip(start, voxel_size)]
+
+
 def multiscales(
     name: str,
     paths: Sequence[str],
@@ -37,14 +47,19 @@ def multiscales(
     ngff: str,
     channel: bool = False,
     method: str = "mean",
+    translation: Sequence[float] | None = None,
 ) -> dict[str, Any]:
-    """A ``multiscales`` entry: level ``i`` at ``paths[i]`` is downsampled ``factors[i]``× in z, y, x."""
+    """A ``multiscales`` entry: level ``i`` at ``paths[i]`` is downsampled ``factors[i]``× in z, y, x;
+    ``translation`` places level 0's first voxel centre (z, y, x Å; 0 when None) and each level gets
+    its own (:func:`level_translation`), so every level overlays the others and the input's grid."""
     datasets = []
     for path, factor in zip(paths, factors):
         scale = [float(v) * factor for v in voxel_size]
+        shift = level_translation(voxel_size, factor, method, translation)
         if channel:
-            scale = [1.0] + scale
-        datasets.append({"path": path, "coordinateTransformations": [{"type": "scale", "scale": scale}]})
+            scale, shift = [1.0] + scale, [0.0] + shift
+        datasets.append({"path": path, "coordinateTransformations": [{"type": "scale", "scale": scale},
+                                                                     {"type": "translation", "translation": shift}]})
     entry: dict[str, Any] = {
         "name": name,
         "axes": _axes(channel),
@@ -103,6 +118,30 @@ def dataset_voxel_sizes(entry: dict[str, Any]) -> list[tuple[float, float, float
         factors = overall[-3:] if overall is not None else (1.0, 1.0, 1.0)
         sizes.append(tuple(float(s) * float(f) * UNIT_TO_ANGSTROM[u] for s, f, u in zip(scale[-3:], factors, units)))
     return sizes  # type: ignore[return-value]
+
+
+def _transform(transforms: Sequence[dict[str, Any]] | None, kind: str) -> list[float] | None:
+    return next((list(t[kind]) for t in transforms or [] if t.get("type") == kind and kind in t), None)
+
+
+def dataset_translations(entry: dict[str, Any]) -> list[tuple[float, float, float]]:
+    """Where the first voxel's centre of every dataset of one ``multiscales`` entry lies (z, y, x Å):
+    its translation, then the whole image's scale and translation (NGFF applies those after).
+    Zero where the metadata give none; raises ``KeyError``/``ValueError`` as :func:`dataset_voxel_sizes`."""
+    units = [a.get("unit") or "angstrom" for a in entry.get("axes", [])][-3:] or ["angstrom"] * 3
+    if any(u not in UNIT_TO_ANGSTROM for u in units):
+        raise ValueError(f"unusable units {units}")
+    overall = entry.get("coordinateTransformations")
+    overall_scale = (_transform(overall, "scale") or [1.0, 1.0, 1.0])[-3:]
+    overall_shift = (_transform(overall, "translation") or [0.0, 0.0, 0.0])[-3:]
+    starts = []
+    for dataset in entry["datasets"]:
+        shift = (_transform(dataset["coordinateTransformations"], "translation") or [0.0, 0.0, 0.0])[-3:]
+        if len(shift) < 3 or len(overall_scale) < 3 or len(overall_shift) < 3:
+            raise ValueError(f"unusable translation {shift}")
+        starts.append(tuple((float(t) * float(s) + float(o)) * UNIT_TO_ANGSTROM[u]
+                            for t, s, o, u in zip(shift, overall_scale, overall_shift, units)))
+    return starts  # type: ignore[return-value]
 
 
 def label_classes(entry: dict[str, Any]) -> dict[int, str]:

@@ -42,6 +42,7 @@ class OutputLayout:
     label_dtype: str
     channels: int
     probability_dtype: str | None  # None: no probabilities group
+    translation: Sequence[float] = (0.0, 0.0, 0.0)  # (z, y, x) Å of level 0's first voxel centre: the input's
 
     @property
     def paths(self) -> list[str]:
@@ -121,9 +122,11 @@ def finish_output(output: str, layout: OutputLayout, info: dict[str, Any]) -> No
     ngff = layout.ngff
     if layout.probability_dtype:
         update_attrs(f"{output}/probabilities", ome_attrs(ngff, multiscales=[
-            multiscales("probabilities", layout.paths, layout.voxel_size, layout.factors, ngff, channel=True)]))
+            multiscales("probabilities", layout.paths, layout.voxel_size, layout.factors, ngff, channel=True,
+                        translation=layout.translation)]))
     update_attrs(output, {
-        **ome_attrs(ngff, multiscales=[multiscales("segmentation", layout.paths, layout.voxel_size, layout.factors, ngff, method="nearest")],
+        **ome_attrs(ngff, multiscales=[multiscales("segmentation", layout.paths, layout.voxel_size, layout.factors, ngff, method="nearest",
+                                                 translation=layout.translation)],
                     **{"image-label": image_label(layout.class_names, ngff)}),
         "tilesegment": {**info, "status": "complete"},
     })

@@ -201,7 +201,7 @@ def segment(
     n_levels = check_levels(levels, source.shape)
     layout = OutputLayout(ngff, spec, level_shapes(source.shape, n_levels), source.voxel_size or (config.voxel_size,) * 3,
                           _label_names(config), "uint8" if len(config.class_names) <= 255 else "uint16", config.out_channels,
-                          probability_dtype if probabilities else None)
+                          probability_dtype if probabilities else None, source.translation)
     # what decides the output's bytes: a resumed run must repeat all of it
     where = normalize(source.path) if is_url(source.path) else os.path.abspath(source.path)
     run = {"input": where, "shape": list(source.shape), "model_sha256": hashlib.sha256(checkpoint).hexdigest(),

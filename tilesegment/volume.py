@@ -55,6 +55,14 @@ class VolumeSource:
         origin = self.mrc.origin if self.mrc else self.zarr.origin if self.zarr else (0.0, 0.0, 0.0)
         return tuple(float(v) if math.isfinite(v) else 0.0 for v in origin)  # type: ignore[return-value]
 
+    @property
+    def translation(self) -> tuple[float, float, float]:
+        """(z, y, x) Å of the first voxel's centre in the OME sense: what an OME-Zarr input's metadata
+        say, 0 for an MRC. Kept apart from the MRC origin, which programs read with either sign; an
+        output carries it on, so viewers overlay the two."""
+        shift = self.zarr.translation if self.zarr else (0.0, 0.0, 0.0)
+        return tuple(float(v) if math.isfinite(v) else 0.0 for v in shift)  # type: ignore[return-value]
+
 
 def open_volume(path: str | os.PathLike) -> VolumeSource:
     """Describe the volume at ``path`` (an MRC file, a Zarr array or an OME-Zarr group; local or a URL)."""

@@ -22,7 +22,7 @@ from zarr.codecs import BloscCodec
 
 from .errors import InputError, OptionError, OutputError
 from .geometry import Box, Shape, ceil_div, option_text, shape_option
-from .ome import dataset_voxel_sizes, read_ome_attrs, zarr_format_for
+from .ome import dataset_translations, dataset_voxel_sizes, read_ome_attrs, zarr_format_for
 from .storage import describe_failure, exists, filesystem, is_url, parent, remedy, zarr_store
 from .zarr_chunks import BLOSC_SHUFFLE, local_chunks
 
@@ -257,6 +257,17 @@ class ZarrInput:
     made_from: str | None = None  # the input a tileseg output records
     status: str | None = None  # a tileseg output's 'complete' or 'incomplete' (None: not tileseg's)
     level_voxel_sizes: tuple[tuple[float, float, float] | None, ...] = ()  # of each of ``levels``, where the metadata say
+    translation: tuple[float, float, float] = (0.0, 0.0, 0.0)  # (z, y, x) Å of the first voxel's centre, from its OME metadata
+
+
+def _translation(ome: dict[str, Any], dataset: str | None = None) -> tuple[float, float, float]:
+    """Where the image's ``dataset`` (its finest when None) starts, by its OME metadata; 0 where they do not say."""
+    try:
+        entry = ome["multiscales"][0]
+        names = [d["path"] for d in entry["datasets"]]
+        return dataset_translations(entry)[0 if dataset is None else names.index(dataset)]
+    except (KeyError, IndexError, StopIteration, TypeError, ValueError):
+        return (0.0, 0.0, 0.0)
 
 
 def _voxel_size(ome: dict[str, Any], dataset: str | None = None) -> tuple[float, float, float] | None:
@@ -291,7 +302,7 @@ def describe_zarr_input(path: str) -> ZarrInput:
                          "Give an .mrc file, a Zarr array, or an OME-Zarr group (e.g. from 'tileseg convert').") from None
     attrs: dict[str, Any] = {}  # the image group's (an array's parent's)
     if isinstance(node, zarr.Array):
-        array, array_path, levels, voxel, origin = node, path, (path,), None, (0.0, 0.0, 0.0)
+        array, array_path, levels, voxel, origin, translation = node, path, (path,), None, (0.0, 0.0, 0.0), (0.0, 0.0, 0.0)
         names = []
         folder = parent(path) if is_url(path) else os.path.dirname(path.rstrip("/"))
         if folder and (is_url(folder) or os.path.exists(folder)):
@@ -300,7 +311,9 @@ def describe_zarr_input(path: str) -> ZarrInput:
             except Exception:
                 attrs = {}
             try:
-                voxel = _voxel_size(read_ome_attrs(attrs), path.rstrip("/").rsplit("/", 1)[-1])  # this level's, not the finest's
+                level = path.rstrip("/").rsplit("/", 1)[-1]
+                voxel = _voxel_size(read_ome_attrs(attrs), level)  # this level's, not the finest's
+                translation = _translation(read_ome_attrs(attrs), level)
             except Exception:
                 voxel = None
     else:
@@ -318,6 +331,7 @@ def describe_zarr_input(path: str) -> ZarrInput:
         array_path = levels[0]
         array = node[names[0]]
         voxel = _voxel_size(ome)
+        translation = _translation(ome)
         origin = _recorded_origin(dict(node.attrs))
     # OME-Zarr images are often (t, c, z, y, x) or (c, z, y, x) with one time point and channel:
     # such an image is its volume (volume.read_native drops the single leading axes)
@@ -330,7 +344,7 @@ def describe_zarr_input(path: str) -> ZarrInput:
         raise InputError(f"{path}: array dtype {array.dtype} is not numeric.", "Give an integer or float volume.")
     sizes = tuple(_voxel_size(ome, n) for n in names if f"{path.rstrip('/')}/{n}" in levels) if names else (voxel,)
     return ZarrInput(array_path, tuple(int(n) for n in array.shape[-3:]), array.dtype.str, voxel, levels, origin,  # type: ignore[arg-type]
-                     *tileseg_meta(attrs), level_voxel_sizes=sizes)
+                     *tileseg_meta(attrs), level_voxel_sizes=sizes, translation=translation)
 
 
 def _what_is_there(path: str) -> str:
