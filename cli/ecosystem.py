@@ -17,10 +17,13 @@ from .common import IGNORE_VOXEL_SIZE_OPTION, PROBABILITY_DTYPE_OPTION, SEGMENTA
               help="Also write the probabilities as float32 MRC: the foreground class for 1- and 2-class models, "
                    "else one file per foreground class (PROBS_<label>_<class>.mrc).")
 @click.option("--level", type=int, default=0, show_default=True, help="Pyramid level to export (0 = full resolution, 1 = 2× binned, ...).")
+@click.option("--original-grid", "original", is_flag=True,
+              help="For a tomogram resampled by 'tileseg convert --voxel-size': write the mask on the grid it was resampled from "
+                   "(its shape, voxel size and origin), each voxel taking the nearest resampled voxel's label.")
 @click.option("--overwrite", is_flag=True, help="Replace existing MRC files.")
 @click.pass_context
 @handle_errors
-def export(ctx: click.Context, output: str, mask: str, probabilities: str | None, level: int, overwrite: bool) -> None:
+def export(ctx: click.Context, output: str, mask: str, probabilities: str | None, level: int, original: bool, overwrite: bool) -> None:
     """Write a finished segmentation as MRC: the label mask (mode 0, int8) and optionally probabilities (mode 2).
 
     Shape, voxel size and origin are the input tomogram's, so the mask overlays it in IMOD, ChimeraX
@@ -30,12 +33,14 @@ def export(ctx: click.Context, output: str, mask: str, probabilities: str | None
     Example:
       tileseg export seg.zarr seg_mask.mrc
       tileseg export seg.zarr seg_mask.mrc --probabilities seg_probs.mrc --level 1
+      tileseg export seg_10A.zarr mask_13.48A.mrc --original-grid
     """
     from tilesegment.export import export as run_export
 
     quiet = ctx.find_root().obj["quiet"]
     with progress_bar(quiet, total=None, unit="vox", unit_scale=True, desc="export") as bar:
-        report = run_export(output, mask, probabilities=probabilities, level=level, overwrite=overwrite, progress=bar.update)
+        report = run_export(output, mask, probabilities=probabilities, level=level, overwrite=overwrite, original=original,
+                            progress=bar.update)
     if not quiet:
         voxel = "×".join(f"{v:.4g}" for v in report.voxel_size[::-1])
         files = ", ".join([report.mask, *report.probabilities])

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import mrcfile
 import numpy as np
 import pytest
 import zarr
@@ -270,3 +271,13 @@ def test_a_tomogram_at_another_voxel_size_is_resampled_by_convert_and_then_segme
     run = tileseg("-q", "run", str(tmp_path / "tomo.zarr"), str(tmp_path / "seg.zarr"), "--model", identity_model, "--tile", "16")
     assert run.returncode == 0, run.stderr
     assert zarr.open_group(str(tmp_path / "seg.zarr"), mode="r")["0"].shape == (27, 32, 32)
+    back = tileseg("export", str(tmp_path / "seg.zarr"), str(tmp_path / "mask.mrc"), "--original-grid")
+    assert back.returncode == 0, back.stderr
+    assert "mask.mrc: 20×24×24 (z, y, x), 13.48×13.48×13.48 Å/voxel" in back.stdout, back.stdout
+    with mrcfile.open(tmp_path / "mask.mrc") as mrc:
+        assert mrc.data.shape == (20, 24, 24)
+    # the run's own tomogram was not resampled
+    plain = tileseg("-q", "run", portal, str(tmp_path / "seg2.zarr"), "--model", identity_model, "--tile", "16", "--ignore-voxel-size")
+    assert plain.returncode == 0, plain.stderr
+    assert_one_line_error(tileseg("export", str(tmp_path / "seg2.zarr"), str(tmp_path / "m.mrc"), "--original-grid"), 2,
+                          "was not segmented from a tomogram that 'tileseg convert --voxel-size' resampled", "Leave out --original-grid")

@@ -10,6 +10,7 @@ import textwrap
 import mrcfile
 import numpy as np
 import pytest
+import zarr
 
 import tilesegment.export as export_module
 from tilesegment.convert import convert
@@ -196,3 +197,46 @@ def test_cli(tmp_path, seg):
     copy = copy_with_meta(seg[1], tmp_path, status="running")
     assert_one_line_error(tileseg("export", copy, str(tmp_path / "m.mrc")), 3, "not complete", "--resume")
     assert_one_line_error(tileseg("export", seg[1], str(tmp_path / "m.mrc"), "--level", "5"), 2, "--level 5")
+
+
+def test_a_resampled_tomograms_mask_goes_back_onto_its_original_grid(tmp_path, identity_model, client, monkeypatch):
+    """A 13.48 Å tomogram, resampled to 10 Å, segmented there, exported with --original-grid: the
+    mask has the original's shape, voxel size and origin; each voxel holds the label of the
+    resampled voxel nearest to it by the segmentation's own OME scale and translation; and it agrees
+    with thresholding the original directly except along the blobs' edges."""
+    from tilesegment.pipeline import segment
+
+    from .conftest import blobs, mrc_file
+
+    _, clean = blobs((30, 34, 38), seed=7, count=8)
+    origin_xyz = (130.0, -20.0, 6.0)
+    portal = mrc_file(tmp_path / "portal.mrc", clean.astype(np.float32), voxel=(13.48,) * 3, origin=origin_xyz)
+    convert(portal, tmp_path / "tomo.zarr", chunk=16, voxel_size=10.0)
+    out = str(tmp_path / "seg.zarr")
+    segment(str(tmp_path / "tomo.zarr"), out, model=identity_model, tile=16, chunk=16, probabilities=True,
+            probability_dtype="float32", client=client)
+    monkeypatch.setattr(export_module, "SLAB_BYTES", 5 * 34 * 38)  # slabs of 5 planes: each reads its own stored planes
+    report = export(out, tmp_path / "mask.mrc", probabilities=tmp_path / "p.mrc", original=True)
+    mask, header, voxel = read_mrc(tmp_path / "mask.mrc")
+    assert mask.shape == clean.shape == report.shape
+    assert (voxel.x, voxel.y, voxel.z) == pytest.approx((13.48,) * 3)
+    assert tuple(header.origin.item()) == pytest.approx(origin_xyz, abs=1e-3) == report.origin
+    assert b"original grid" in header.label[1]
+
+    stored = labels(out)
+    dataset = zarr.open_group(out, mode="r").attrs["multiscales"][0]["datasets"][0]
+    scale, shift = (t[k] for t, k in zip(dataset["coordinateTransformations"], ("scale", "translation")))
+    nearest = [np.clip(np.floor((np.arange(n) * 13.48 - t) / s + 0.5), 0, m - 1).astype(int)  # by position, Å
+               for n, s, t, m in zip(clean.shape, scale, shift, stored.shape)]
+    np.testing.assert_array_equal(mask, stored[np.ix_(*nearest)])
+    np.testing.assert_array_equal(read_mrc(tmp_path / "p.mrc")[0], probabilities(out)[0][np.ix_(*nearest)])
+    assert np.mean(mask == clean) > 0.95, np.mean(mask == clean)
+
+    with pytest.raises(OptionError, match="not level 1"):
+        export(out, tmp_path / "m.mrc", original=True, level=1)
+
+
+def test_original_grid_needs_a_resampled_tomogram(tmp_path, seg):
+    with pytest.raises(OptionError, match="was not segmented from a tomogram that 'tileseg convert --voxel-size' resampled") as info:
+        export(seg[1], tmp_path / "m.mrc", original=True)
+    assert "Leave out --original-grid" in info.value.fix and not (tmp_path / "m.mrc").exists()

@@ -177,3 +177,18 @@ def test_a_resampled_tomogram_lies_where_its_metadata_place_it(tmp_path, voxel):
         inside = np.logical_and.reduce([(p > 4 * voxel + 10) & (p < (n - 5) * voxel - 10) for p, n in zip(positions, shape)])
         assert inside.sum() >= 27
         np.testing.assert_allclose(level[inside], ramp(*positions)[inside], rtol=1e-5, atol=1e-2)
+
+
+def test_the_way_back_takes_each_input_voxel_to_the_nearest_resampled_one():
+    from tilesegment.resample import nearest_resampled
+
+    # a 2× coarsening: voxels 0 and 1 went into output voxel 0, 2 and 3 into 1, ...
+    assert nearest_resampled(8, 4, 2.0).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert nearest_resampled(3, 6, 0.5).tolist() == [1, 3, 5]  # 2× finer: ties go up
+    plan = Resampling((20, 24, 24), (13.48,) * 3, (10.0,) * 3)  # finer: every input voxel has a nearest output voxel
+    for axis in range(3):
+        back = plan.nearest_resampled(axis)
+        forward = np.rint(plan.coordinates(axis, 0, plan.out_shape[axis])).astype(int)  # each output voxel's nearest input voxel
+        assert forward[back].tolist() == list(range(plan.shape[axis]))  # there and back is the identity
+        centres_in, centres_out = (np.arange(plan.shape[axis]) + 0.5) * 13.48, (back + 0.5) * 10.0
+        assert np.abs(centres_in - centres_out).max() <= 5.0 + 1e-9  # at most half an output voxel away

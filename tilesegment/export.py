@@ -28,11 +28,13 @@ from mrcfile.mrcinterpreter import MrcInterpreter
 
 from .errors import InputError, OptionError, OutputError
 from .geometry import Shape
+from .resample import Resampling
 from .result import Segmentation, find_input, open_segmentation, origin_xyz
 from .storage import check_output_file, is_url, replaced_when_written
-from .zarr_io import open_array
+from .volume import is_zarr_path
+from .zarr_io import open_array, open_group
 
-__all__ = ["export", "ExportReport", "probability_files", "SLAB_BYTES"]
+__all__ = ["export", "ExportReport", "probability_files", "original_grid", "SLAB_BYTES"]
 
 SLAB_BYTES = 32 * 2**20  # bytes of one slab as written; whole planes, so at least one plane
 STATS_PIECE = 1 << 20  # voxels widened to float64 at a time for the header statistics
@@ -105,17 +107,24 @@ def _planes_per_slab(array: zarr.Array, plane_bytes: int) -> int:
 
 def _stream(array_path: str, channel: int | None, partial: str, dtype: np.dtype, convert: Callable[[np.ndarray], np.ndarray],
             voxel: tuple[float, float, float], origin: tuple[float, float, float], label: str,
-            progress: Callable[[int], None] | None) -> None:
-    """Write one MRC to ``partial``: zeros where the header goes, the data slab by slab, then the header."""
+            progress: Callable[[int], None] | None, grid: tuple[np.ndarray, ...] | None = None) -> None:
+    """Write one MRC to ``partial``: zeros where the header goes, the data slab by slab, then the header.
+    ``grid``: per axis, the stored voxel each written voxel takes (another grid's shape), else the stored shape."""
     array = open_array(array_path)
-    nz, ny, nx = array.shape[-3:]
+    nz, ny, nx = (len(g) for g in grid) if grid is not None else array.shape[-3:]
     depth = _planes_per_slab(array, ny * nx * dtype.itemsize)
     stats = _Stats()
     with open(partial, "wb") as f:
         f.write(bytes(1024))  # the header goes in last, once the statistics are known
         for z0 in range(0, nz, depth):
-            index = (slice(z0, min(nz, z0 + depth)),)
+            if grid is None:
+                index = (slice(z0, min(nz, z0 + depth)),)
+            else:  # the stored planes these output planes take, read once, then picked
+                planes = grid[0][z0:z0 + depth]
+                index = (slice(int(planes[0]), int(planes[-1]) + 1),)
             slab = np.asarray(array[index if channel is None else (channel, *index)])
+            if grid is not None:
+                slab = slab.take(planes - planes[0], axis=0).take(grid[1], axis=1).take(grid[2], axis=2)
             data = np.ascontiguousarray(convert(slab), dtype=dtype)
             stats.add(data)
             f.write(memoryview(data).cast("B"))
@@ -125,6 +134,34 @@ def _stream(array_path: str, channel: int | None, partial: str, dtype: np.dtype,
         f.write(_header((nz, ny, nx), dtype, voxel, origin, stats, label))
         f.flush()
         os.fsync(f.fileno())
+
+
+def original_grid(segmentation: Segmentation) -> Resampling:
+    """How 'tileseg convert --voxel-size' made the tomogram that ``segmentation`` was segmented from:
+    recorded by the run (since 2026-12-03), else read from that tomogram's metadata, if it is still there."""
+    record = segmentation.meta.get("input_resampled")
+    if not isinstance(record, dict):
+        source = find_input(segmentation)
+        try:
+            ours = dict(open_group(source).attrs).get("tilesegment", {}) if source and is_zarr_path(source) else {}
+            record = ours.get("resampled") if isinstance(ours, dict) else None
+        except Exception:
+            record = None
+    if not isinstance(record, dict):
+        raise OptionError(f"--original-grid: {segmentation.path} was not segmented from a tomogram that 'tileseg convert "
+                          "--voxel-size' resampled (or that tomogram is gone), so there is no other grid to map it back to.",
+                          "Leave out --original-grid: the mask lies on the grid of the tomogram it was segmented from.")
+    try:
+        plan = Resampling(tuple(int(n) for n in record["from_shape"]), tuple(float(v) for v in record["from_angstrom"]),  # type: ignore[arg-type]
+                          tuple(float(v) for v in record["to_angstrom"]))  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError):
+        raise InputError(f"{segmentation.path}: its tomogram's resampling record is unreadable ({record!r}).",
+                         "Export without --original-grid.") from None
+    if plan.out_shape != tuple(segmentation.shapes[0]):
+        raise InputError(f"{segmentation.path}: its labels are {'×'.join(map(str, segmentation.shapes[0]))} voxels, not the "
+                         f"{'×'.join(map(str, plan.out_shape))} that resampling {'×'.join(map(str, plan.shape))} voxels gives.",
+                         "Export without --original-grid.")
+    return plan
 
 
 def _labels_to(dtype: np.dtype, path: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -148,13 +185,21 @@ def _probabilities_to_float(data: np.ndarray) -> np.ndarray:
 
 
 def export(output: str | os.PathLike, mask: str | os.PathLike, *, probabilities: str | os.PathLike | None = None,
-           level: int = 0, overwrite: bool = False, progress: Callable[[int], None] | None = None) -> ExportReport:
-    """Write the label mask (and optionally the probabilities) of the segmentation ``output`` as MRC files."""
+           level: int = 0, overwrite: bool = False, original: bool = False,
+           progress: Callable[[int], None] | None = None) -> ExportReport:
+    """Write the label mask (and optionally the probabilities) of the segmentation ``output`` as MRC files.
+
+    ``original``: on the grid of the tomogram that 'tileseg convert --voxel-size' resampled (its
+    shape, voxel size and origin), each voxel taking the nearest resampled voxel's value."""
     started = time.perf_counter()
     output, mask = os.fspath(output), os.fspath(mask)
     probabilities = os.fspath(probabilities) if probabilities is not None else None
     segmentation = open_segmentation(output)
     index = segmentation.level(level)
+    if original and index:
+        raise OptionError(f"--original-grid maps full-resolution labels back to the tomogram they were resampled from, not level {index}.",
+                          "Leave out --level, or --original-grid.")
+    plan = original_grid(segmentation) if original else None
     prob_files: list[tuple[int, str]] = []
     if probabilities is not None:
         if not segmentation.probabilities:
@@ -174,9 +219,13 @@ def export(output: str | os.PathLike, mask: str | os.PathLike, *, probabilities:
     shape = segmentation.shapes[index]
     voxel = segmentation.voxel_sizes[index]
     origin = origin_xyz(segmentation)
+    grid = None
+    if plan is not None:  # the resampled grid's first centre moved by the shift; the original's did not
+        shape, voxel, grid = plan.shape, plan.voxel, tuple(plan.nearest_resampled(axis) for axis in range(3))
+        origin = tuple(o - d for o, d in zip(origin, plan.origin_shift[::-1]))  # type: ignore[assignment]
     top_label = max([*segmentation.classes, segmentation.channels - 1, 1])
     label_dtype = np.dtype("<i1") if top_label <= 127 else np.dtype("<u2")
-    where = f"level {index}" if index else "full resolution"
+    where = f"level {index}" if index else "on the original grid" if grid is not None else "full resolution"
     # a coarser level's labels are every second voxel, so they start where level 0 does; its mean
     # probabilities start half its extra size further on (ome.level_translation)
     fine = segmentation.voxel_sizes[0]
@@ -189,6 +238,6 @@ def export(output: str | os.PathLike, mask: str | os.PathLike, *, probabilities:
         partials = [files.enter_context(replaced_when_written(job[2])) for job in jobs]
         for (array_path, channel, _, dtype, convert, what, start), partial in zip(jobs, partials):
             label = f"tileseg export: {what} of {os.path.basename(output)} ({where})".encode("ascii", "replace").decode()
-            _stream(array_path, channel, partial, dtype, convert, voxel, start, label, progress)
+            _stream(array_path, channel, partial, dtype, convert, voxel, start, label, progress, grid)
     return ExportReport(mask, tuple(p for _, p in prob_files), shape, index, voxel, origin,
                         0 if label_dtype.itemsize == 1 else 6, time.perf_counter() - started)

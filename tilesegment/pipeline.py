@@ -220,6 +220,8 @@ def segment(
         if action == CREATE:
             normalization = intensity_statistics(source) if config.normalization == "zscore" else None
             info = {"version": __version__, "input": source.path, "origin_angstrom": list(source.origin), "run": run,
+                    # so 'tileseg export --original-grid' can map the labels back without the input
+                    "input_resampled": source.zarr.resampled if source.zarr else None,
                     "settings": {"batch": batch, "model": model or "default", "architecture": config.architecture,
                                  "model_voxel_size": config.voxel_size},
                     "normalization": list(normalization) if normalization else None,

@@ -27,7 +27,7 @@ from scipy import ndimage
 from .errors import InputError, OptionError
 from .geometry import Box, Shape
 
-__all__ = ["Resampling", "resampling_for", "SAME_VOXEL_SIZE"]
+__all__ = ["Resampling", "resampling_for", "SAME_VOXEL_SIZE", "nearest_resampled"]
 
 SAME_VOXEL_SIZE = 1e-4  # relative difference under which a target is the input's own voxel size: a copy, no resampling
 TRUNCATE = 4.0  # the Gaussian's radius in σ (scipy.ndimage's default)
@@ -63,6 +63,12 @@ class Resampling:
     def origin_shift(self) -> tuple[float, float, float]:
         """Å from the input's first voxel centre to the output's (the edges stay where they were)."""
         return tuple((t - v) / 2.0 for t, v in zip(self.target, self.voxel))  # type: ignore[return-value]
+
+    def nearest_resampled(self, axis: int) -> np.ndarray:
+        """For every input voxel along ``axis``, the output voxel whose centre lies nearest: the way
+        back from the resampled grid to the input's (for labels made on the resampled grid). The
+        inverse of :meth:`coordinates`: input voxel ``k`` lies at output position ``(k + ½) · old/new − ½``."""
+        return nearest_resampled(self.shape[axis], self.out_shape[axis], self.factor[axis])
 
     def coordinates(self, axis: int, start: int, stop: int) -> np.ndarray:
         """Input positions (in voxels, float64) that output voxels ``start..stop`` sample along ``axis``."""
@@ -124,3 +130,10 @@ def resampling_for(shape: Shape, voxel: Sequence[float] | None, target: float | 
         raise OptionError(f"--voxel-size {target:.4g} leaves {path} ({'×'.join(map(str, shape))} voxels of "
                           f"{max(voxel):.4g} Å) {'×'.join(map(str, plan.out_shape))} voxels.", "Give a finer voxel size.")
     return plan
+
+
+def nearest_resampled(original: int, resampled: int, factor: float) -> np.ndarray:
+    """:meth:`Resampling.nearest_resampled` of one axis: ``original`` input voxels, ``resampled``
+    output voxels, ``factor`` input voxels per output voxel; ties go up, every index is clipped in."""
+    position = (np.arange(original, dtype=np.float64) + 0.5) / factor - 0.5
+    return np.clip(np.floor(position + 0.5), 0, resampled - 1).astype(np.intp)

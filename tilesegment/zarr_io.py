@@ -258,6 +258,7 @@ class ZarrInput:
     status: str | None = None  # a tileseg output's 'complete' or 'incomplete' (None: not tileseg's)
     level_voxel_sizes: tuple[tuple[float, float, float] | None, ...] = ()  # of each of ``levels``, where the metadata say
     translation: tuple[float, float, float] = (0.0, 0.0, 0.0)  # (z, y, x) Å of the first voxel's centre, from its OME metadata
+    resampled: dict[str, Any] | None = None  # what 'tileseg convert --voxel-size' resampled level 0 from
 
 
 def _translation(ome: dict[str, Any], dataset: str | None = None) -> tuple[float, float, float]:
@@ -302,7 +303,7 @@ def describe_zarr_input(path: str) -> ZarrInput:
                          "Give an .mrc file, a Zarr array, or an OME-Zarr group (e.g. from 'tileseg convert').") from None
     attrs: dict[str, Any] = {}  # the image group's (an array's parent's)
     if isinstance(node, zarr.Array):
-        array, array_path, levels, voxel, origin, translation = node, path, (path,), None, (0.0, 0.0, 0.0), (0.0, 0.0, 0.0)
+        array, array_path, levels, voxel, origin, translation, resampled = node, path, (path,), None, (0.0, 0.0, 0.0), (0.0, 0.0, 0.0), None
         names = []
         folder = parent(path) if is_url(path) else os.path.dirname(path.rstrip("/"))
         if folder and (is_url(folder) or os.path.exists(folder)):
@@ -333,6 +334,8 @@ def describe_zarr_input(path: str) -> ZarrInput:
         voxel = _voxel_size(ome)
         translation = _translation(ome)
         origin = _recorded_origin(dict(node.attrs))
+        ours = attrs.get("tilesegment")
+        resampled = ours.get("resampled") if isinstance(ours, dict) and isinstance(ours.get("resampled"), dict) else None
     # OME-Zarr images are often (t, c, z, y, x) or (c, z, y, x) with one time point and channel:
     # such an image is its volume (volume.read_native drops the single leading axes)
     if array.ndim < 3 or any(n != 1 for n in array.shape[:-3]):
@@ -344,7 +347,8 @@ def describe_zarr_input(path: str) -> ZarrInput:
         raise InputError(f"{path}: array dtype {array.dtype} is not numeric.", "Give an integer or float volume.")
     sizes = tuple(_voxel_size(ome, n) for n in names if f"{path.rstrip('/')}/{n}" in levels) if names else (voxel,)
     return ZarrInput(array_path, tuple(int(n) for n in array.shape[-3:]), array.dtype.str, voxel, levels, origin,  # type: ignore[arg-type]
-                     *tileseg_meta(attrs), level_voxel_sizes=sizes, translation=translation)
+                     *tileseg_meta(attrs), level_voxel_sizes=sizes, translation=translation,
+                     resampled=resampled)
 
 
 def _what_is_there(path: str) -> str:
