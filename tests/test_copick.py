@@ -308,3 +308,24 @@ def test_copick_itself_lists_and_reads_it(tmp_path, identity_model, client):
     assert read.returncode == 0, read.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "read.npy"), labels(result.path))
     np.testing.assert_array_equal(labels(result.path), (volume > 0.5).astype(np.uint8))  # the identity network's mask
+
+
+def test_a_tomogram_at_another_voxel_spacing_is_resampled_into_the_project_and_segmented(tmp_path, identity_model, client):
+    """copick holds a run at several voxel spacings: the refusal names the 10 Å copy for 'tileseg
+    convert' to write into the overlay, and that copy segments as any tomogram of the project."""
+    from tilesegment.convert import convert
+
+    config = copick_project(tmp_path / "project", voxel=13.48)
+    run_dir = tmp_path / "project" / "static" / "ExperimentRuns" / RUN
+    os.rename(run_dir / "VoxelSpacing10.000", run_dir / "VoxelSpacing13.480")
+    with pytest.raises(InputError, match="1.35× the model's 10 Å") as info:
+        segment_copick(config, RUN, 13.48, "wbp", "macromolecule", model=identity_model, client=client, **FAST)
+    copy = str(tmp_path / "project" / "overlay" / "ExperimentRuns" / RUN / "VoxelSpacing10.000" / "wbp.zarr")
+    source = str(run_dir / "VoxelSpacing13.480" / "wbp.zarr")
+    assert f"'tileseg convert {source} {copy} --voxel-size 10'" in info.value.fix
+    assert f"'tileseg copick {config} --run {RUN} --voxel-spacing 10 --tomo-type wbp --name macromolecule'" in info.value.fix
+    assert not [e for e in os.listdir(segmentations(config)) if ".zarr" in e]  # nothing started, not even the hidden staging store
+    convert(source, copy, voxel_size=10.0)
+    result = segment_copick(config, RUN, 10.0, "wbp", "macromolecule", model=identity_model, client=client, **FAST)
+    assert result.tomogram == copy and os.path.basename(result.path) == STORE
+    assert labels(result.path).shape == tuple(round(n * 1.348) for n in SHAPE)

@@ -368,3 +368,15 @@ def test_a_coarser_tomogram_gets_no_level_hint(tmp_path, client, identity_model)
     with pytest.raises(InputError) as info:
         segment(mrc, tmp_path / "a.zarr", model=identity_model, tile=8, client=client)
     assert info.value.fix.startswith(f"Resample it to the model's voxel size ('tileseg convert {mrc} TOMO.zarr --voxel-size 10'")
+
+
+def test_errors_cross_processes_with_every_field():
+    """Dask pickles an error raised on a worker: what, fix and the voxel-size error's model voxel survive."""
+    import pickle
+
+    from tilesegment.errors import InputError, VoxelSizeError
+
+    back = pickle.loads(pickle.dumps(VoxelSizeError("too fine", "resample it", 10.0)))
+    assert isinstance(back, InputError) and (back.what, back.fix, back.model_voxel, back.exit_code) == ("too fine", "resample it", 10.0, 3)
+    back = pickle.loads(pickle.dumps(InputError("bad", "fix it")))
+    assert (back.what, back.fix) == ("bad", "fix it")

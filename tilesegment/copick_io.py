@@ -25,7 +25,7 @@ import shutil
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import InputError, OptionError, OutputError
+from .errors import InputError, OptionError, OutputError, VoxelSizeError
 from .lock import OutputLock
 
 __all__ = ["CopickProject", "CopickResult", "load_project", "find_tomogram", "store_name", "check_name", "segment_copick",
@@ -168,6 +168,18 @@ def check_name(value: str, option: str) -> str:
     return value
 
 
+def _resample_into_project(error: VoxelSizeError, project: CopickProject, run: str, tomogram: str, tomo_type: str, name: str) -> InputError:
+    """A copick project holds a run's tomogram at several voxel spacings: name the copy at the model's
+    that 'tileseg convert' writes into the overlay, and the command that segments it there."""
+    if error.model_voxel is None:
+        return error
+    target = error.model_voxel
+    copy = os.path.join(project.overlay_root, "ExperimentRuns", run, f"VoxelSpacing{target:.3f}", f"{tomo_type}.zarr")
+    return InputError(error.what, f"Resample it into the project at the model's voxel size ('tileseg convert {tomogram} {copy} "
+                                  f"--voxel-size {target:g}'), then segment that ('tileseg copick {project.config} --run {run} "
+                                  f"--voxel-spacing {target:g} --tomo-type {tomo_type} --name {name}'); or pass --ignore-voxel-size.")
+
+
 def store_name(voxel_spacing: float, user_id: str, session_id: str, name: str) -> str:
     """copick's name for a multilabel segmentation store (``copick.util.segmentation.segmentation_store_name``)."""
     return f"{voxel_spacing:.3f}_{user_id}_{session_id}_{name}-multilabel.zarr"
@@ -207,7 +219,10 @@ def segment_copick(config: str | os.PathLike, run: str, voxel_spacing: float, to
                 return result  # complete already: only complete stores are renamed into place
             raise OutputError(f"copick already lists {os.path.basename(final)} in run {run} ({final}).",
                               "Pass --overwrite to replace it, or choose another --session-id or --name.")
-        report = segment(tomogram, staging, ngff="0.4", overwrite=overwrite, resume=resume, **segment_options)
+        try:
+            report = segment(tomogram, staging, ngff="0.4", overwrite=overwrite, resume=resume, **segment_options)
+        except VoxelSizeError as exc:
+            raise _resample_into_project(exc, project, run, tomogram, tomo_type, name) from None
         if os.path.exists(final):
             shutil.rmtree(final)
         os.rename(staging, final)

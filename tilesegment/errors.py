@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "TilesegError",
     "InputError",
+    "VoxelSizeError",
     "OptionError",
     "CheckpointError",
     "OutputError",
@@ -39,6 +40,18 @@ class InputError(TilesegError):
     """The input volume cannot be read or is not usable."""
 
     exit_code = 3
+
+
+class VoxelSizeError(InputError):
+    """The tomogram's voxel size is too far from the model's; ``model_voxel`` (Å) lets a caller that
+    knows where the tomogram lives (copick) name the resampled copy to make."""
+
+    def __init__(self, what: str, fix: str | None = None, model_voxel: float | None = None) -> None:
+        self.model_voxel = model_voxel
+        super().__init__(what, fix)
+
+    def __reduce__(self):
+        return (type(self), (self.what, self.fix, self.model_voxel))
 
 
 class OptionError(TilesegError):

@@ -23,7 +23,7 @@ from . import __version__
 from .allocator import keep_freed_memory
 from .blocks import BlockJob
 from .blending import BLEND_MODES
-from .errors import InputError, OptionError
+from .errors import OptionError, VoxelSizeError
 from .geometry import Shape, option_text, shape_option
 from .journal import BlockJournal
 from .lock import OutputLock
@@ -107,9 +107,9 @@ def _check_voxel_size(source: VolumeSource, model_voxel: float, ignore: bool) ->
         binned = _binned_level(source, model_voxel)
         remedy = (f"resample it to the model's voxel size ('tileseg convert {source.path} TOMO.zarr --voxel-size {model_voxel:.4g}', "
                   "then segment TOMO.zarr), use a model trained at this voxel size, or pass --ignore-voxel-size.")
-        raise InputError(
+        raise VoxelSizeError(
             f"{source.path}: voxel size {size} Å is {ratio:.2f}× the model's {model_voxel:.4g} Å; tileseg does not resample while it segments.",
-            f"{binned} Otherwise {remedy}" if binned else remedy[0].upper() + remedy[1:],
+            f"{binned} Otherwise {remedy}" if binned else remedy[0].upper() + remedy[1:], model_voxel,
         )
 
 
