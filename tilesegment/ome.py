@@ -107,7 +107,7 @@ def dataset_voxel_sizes(entry: dict[str, Any]) -> list[tuple[float, float, float
 
     Raises ``KeyError``/``ValueError`` for an entry that has no usable scale; callers say which file.
     """
-    units = [a.get("unit") or "angstrom" for a in entry.get("axes", [])][-3:] or ["angstrom"] * 3
+    units = _spatial_units(entry)
     # a scale for the whole image, after each dataset's (NGFF: "applied after the dataset transformations")
     overall = next((t["scale"] for t in entry.get("coordinateTransformations") or [] if t.get("type") == "scale"), None)
     sizes = []
@@ -120,6 +120,11 @@ def dataset_voxel_sizes(entry: dict[str, Any]) -> list[tuple[float, float, float
     return sizes  # type: ignore[return-value]
 
 
+def _spatial_units(entry: dict[str, Any]) -> list[str]:
+    """The units of the last three axes (ångström where none is given)."""
+    return [a.get("unit") or "angstrom" for a in entry.get("axes", [])][-3:] or ["angstrom"] * 3
+
+
 def _transform(transforms: Sequence[dict[str, Any]] | None, kind: str) -> list[float] | None:
     return next((list(t[kind]) for t in transforms or [] if t.get("type") == kind and kind in t), None)
 
@@ -128,7 +133,7 @@ def dataset_translations(entry: dict[str, Any]) -> list[tuple[float, float, floa
     """Where the first voxel's centre of every dataset of one ``multiscales`` entry lies (z, y, x Å):
     its translation, then the whole image's scale and translation (NGFF applies those after).
     Zero where the metadata give none; raises ``KeyError``/``ValueError`` as :func:`dataset_voxel_sizes`."""
-    units = [a.get("unit") or "angstrom" for a in entry.get("axes", [])][-3:] or ["angstrom"] * 3
+    units = _spatial_units(entry)
     if any(u not in UNIT_TO_ANGSTROM for u in units):
         raise ValueError(f"unusable units {units}")
     overall = entry.get("coordinateTransformations")
